@@ -1,0 +1,74 @@
+"""Run one built-in service: `python3 -m servers SERVICE [ADDRESS] [--udp]`.
+
+ADDRESS is HOST:PORT, [IPv6]:PORT or unix:PATH (default 127.0.0.1:7007). Stream services get a
+thread per connection; datagram services are answered inline. Ctrl-C or SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from . import ThreadingTCPServer, UDPServer
+from .services import BUILTIN_SERVICES
+
+
+def parse_address(text: str) -> Any:
+    """'127.0.0.1:7', '[::1]:7', 'unix:/run/x.sock' -> a server address."""
+    if text.startswith("unix:"):
+        return text[5:]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, [IPv6]:PORT or unix:PATH, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host, int(port))
+
+
+class _ThreadingServer(ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m servers", description=__doc__)
+    parser.add_argument("service", choices=sorted(BUILTIN_SERVICES))
+    parser.add_argument("address", nargs="?", default="127.0.0.1:7007")
+    parser.add_argument("--udp", action="store_true", help="serve datagrams instead of a stream")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        address = parse_address(args.address)
+    except ValueError as exc:
+        parser.error(str(exc))
+    service = BUILTIN_SERVICES[args.service]
+    cls = UDPServer if args.udp else _ThreadingServer
+    handler = service.dgram if args.udp else service.stream
+    try:
+        server = cls(address, handler)
+    except OSError as exc:
+        print(f"cannot serve {args.service} on {args.address}: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # shutdown() waits for the loop, so it must not run on the loop's own thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with server:
+        kind = "udp" if args.udp else "stream"
+        logging.info("serving %s (%s) on %s", args.service, kind, server.server_address)
+        server.serve_forever()
+    logging.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
