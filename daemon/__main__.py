@@ -1,0 +1,7 @@
+"""`python -m daemon` is `selectd`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

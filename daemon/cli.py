@@ -1,0 +1,85 @@
+"""`selectd`: run the daemon, check a config, print the effective config.
+
+    selectd [run] [-c FILE]      serve in the foreground until SIGTERM/SIGINT
+    selectd check [-c FILE|-]    validate; `ok` and 0, or one line per problem and 2
+    selectd config [-c FILE]     the effective config, every default filled in, as TOML
+
+Without -c: $SELECTD_CONFIG if set, else the embedded default (the built-in services on
+127.0.0.1 high ports). Exit status: 0 after a graceful stop, 1 on a fatal runtime error, 2 on a
+usage or config error. No input produces a Python traceback: config problems are lines naming
+the TOML key path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from . import log as logmod
+from .config import Config, ConfigError, dump_config, load_config
+from .errors import DaemonError, ExitStatus
+
+COMMANDS = ("run", "check", "config")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selectd",
+        description="selectd: many socket servers, one selectors loop.",
+    )
+    parser.add_argument("--version", action="version", version=f"selectd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,check,config}")
+    for name, text in (
+        ("run", "serve in the foreground (the default command)"),
+        ("check", "validate the config and exit"),
+        ("config", "print the effective config as TOML"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help="config file ('-' for stdin with check); default: $SELECTD_CONFIG, "
+            "else the embedded default",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "run")
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return ExitStatus.USAGE
+    if args.command == "check":
+        print("ok")
+        return ExitStatus.OK
+    if args.command == "config":
+        sys.stdout.write(dump_config(config))
+        return ExitStatus.OK
+    return run(config, args.config)
+
+
+def run(config: Config, path: str | None) -> int:
+    # Imported here so that `check` and `config` stay light.
+    from .supervisor import Supervisor
+
+    logmod.configure(config.daemon.log_format, config.daemon.log_level)
+    try:
+        return Supervisor(config, path).run()
+    except DaemonError as exc:
+        logmod.get_logger().error("startup_failed", error=str(exc))
+        print(f"selectd: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:  # pragma: no cover - only before the signal handlers exist
+        return ExitStatus.RUNTIME
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

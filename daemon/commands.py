@@ -1,0 +1,108 @@
+"""The control socket's commands: an explicit table from name to function.
+
+Each command takes the request object and returns a JSON-able result, or raises CommandError
+with the message for the error reply. Arguments are checked here, so that a request with a
+missing or mistyped argument gets a clear error and the supervisor never sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .config import ConfigError, dump_config, load_config
+from .control import Command, CommandError
+from .errors import DaemonError
+from .log import get_logger
+from .reload import apply_reload
+from .stats import ProcessSampler, metrics_text, status
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+log = get_logger()
+
+
+def _server_name(request: dict[str, Any], required: bool) -> str | None:
+    name = request.get("server")
+    if name is None:
+        if required:
+            raise CommandError(f'{request["command"]} needs a "server" argument')
+        return None
+    if not isinstance(name, str):
+        raise CommandError('"server" must be a string')
+    return name
+
+
+def reload_from_file(supervisor: Supervisor) -> dict[str, Any]:
+    """Re-read the config the daemon was started with and apply it; DaemonError if refused."""
+    try:
+        new = load_config(supervisor.config_path)
+    except ConfigError as exc:
+        raise DaemonError("reload refused, nothing changed: " + "; ".join(exc.problems)) from exc
+    result = apply_reload(supervisor, new)
+    log.info("config_reloaded", **result)
+    return result
+
+
+def command_table(supervisor: Supervisor) -> dict[str, Command]:
+    sampler = ProcessSampler()
+
+    def guarded(action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except DaemonError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def ping(request: dict[str, Any]) -> Any:
+        return "pong"
+
+    def status_command(request: dict[str, Any]) -> Any:
+        name = _server_name(request, required=False)
+        if name is not None:
+            guarded(lambda: supervisor.unit(name))
+        return status(supervisor, sampler, name)
+
+    def per_server(action: Callable[[str], None], done: str) -> Command:
+        def command(request: dict[str, Any]) -> Any:
+            name = _server_name(request, required=True)
+            assert name is not None
+            guarded(lambda: action(name))
+            return {"server": name, "state": supervisor.units[name].state.value, "done": done}
+
+        return command
+
+    def reload(request: dict[str, Any]) -> Any:
+        return guarded(lambda: reload_from_file(supervisor))
+
+    def shutdown(request: dict[str, Any]) -> Any:
+        timeout = request.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise CommandError('"timeout" must be a number of seconds >= 0')
+        supervisor.begin_shutdown(timeout)
+        return {"phase": supervisor.phase.value}
+
+    def config(request: dict[str, Any]) -> Any:
+        return dump_config(supervisor.config)
+
+    def metrics(request: dict[str, Any]) -> Any:
+        return metrics_text(supervisor, sampler)
+
+    return {
+        "ping": ping,
+        "status": status_command,
+        "reload": reload,
+        "start": per_server(supervisor.start_server, "started"),
+        "stop": per_server(supervisor.stop_server, "stopping"),
+        "pause": per_server(supervisor.pause_server, "paused"),
+        "resume": per_server(supervisor.resume_server, "resumed"),
+        "shutdown": shutdown,
+        "config": config,
+        "metrics": metrics,
+    }

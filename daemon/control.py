@@ -1,0 +1,225 @@
+"""The control socket: JSON lines over a Unix stream socket, served by the supervisor's loop.
+
+It is a server like the others, built on servers.UnixStreamServer, with one difference: a control
+connection is never handed to a handler that could block. Each accepted connection is made
+non-blocking and watched by the loop; lines are read as they arrive and replies are written as the
+peer takes them. So a slow or stuck client costs only its own connection: a request line longer
+than MAX_LINE, or replies piling up past MAX_OUTPUT because the client does not read them, close it.
+
+Protocol: one JSON object per line each way. Request {"command": "NAME", ...arguments}; reply
+{"ok": true, "result": ...} or {"ok": false, "error": "message"}. Several requests may share a
+connection; replies come in order.
+
+Access: the socket is created mode 0600 (bound under umask 0o177, never chmod afterwards), in a
+directory created 0700 if missing, and every peer's credentials are checked (SO_PEERCRED): only
+the daemon's own uid and root are served.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import servers
+
+from .errors import DaemonError
+from .log import get_logger
+
+log = get_logger()
+
+MAX_LINE = 64 * 1024
+MAX_OUTPUT = 4 * 1024 * 1024
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class CommandError(Exception):
+    """A request that cannot be carried out; its message becomes the error reply."""
+
+
+class ControlHost(Protocol):
+    """What the control server needs from the loop that serves it."""
+
+    def watch(self, fd: int, callback: Callable[[], None], events: int = ...) -> None: ...
+    def rewatch(self, fd: int, events: int) -> None: ...
+    def unwatch(self, fd: int) -> None: ...
+
+
+Command = Callable[[dict[str, Any]], Any]
+
+
+def peer_uid(sock: socket.socket) -> int:
+    _pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return uid
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the socket's directory (0700) and clear a stale socket; refuse a live one."""
+    directory = os.path.dirname(path)
+    if directory and not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: left behind by a daemon that died
+        return
+    except OSError as exc:
+        if exc.errno == errno.ENOTSOCK or exc.errno == errno.EPROTOTYPE:
+            raise DaemonError(f"control socket {path}: exists and is not a stream socket") from exc
+        raise DaemonError(f"control socket {path}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
+    raise DaemonError(f"control socket {path}: another selectd is running and answering there")
+
+
+class ControlServer(servers.UnixStreamServer):
+    """The control socket's listener; each connection becomes a ControlConnection in the loop."""
+
+    request_queue_size = 64
+
+    def __init__(self, path: str, host: ControlHost, commands: dict[str, Command]) -> None:
+        self.host = host
+        self.commands = commands
+        self.connections: set[ControlConnection] = set()
+        self.denied = 0
+        prepare_socket_path(path)
+        previous = os.umask(0o177)
+        try:
+            super().__init__(path, servers.BaseRequestHandler)
+        finally:
+            os.umask(previous)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        uid = peer_uid(request)
+        if uid in (0, os.getuid()):
+            return True
+        self.denied += 1
+        log.warning("control_denied", uid=uid)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        request.setblocking(False)
+        connection = ControlConnection(request, self)
+        self.connections.add(connection)
+        self.host.watch(request.fileno(), connection.on_ready)
+
+    def server_close(self) -> None:
+        for connection in list(self.connections):
+            connection.close()
+        super().server_close()
+
+
+class ControlConnection:
+    """One control client: reads request lines, writes replies, never blocks."""
+
+    __slots__ = ("_closing", "_inbuf", "_outbuf", "_server", "_sock", "_watching_write")
+
+    def __init__(self, sock: socket.socket, server: ControlServer) -> None:
+        self._sock = sock
+        self._server = server
+        self._inbuf = bytearray()
+        self._outbuf = bytearray()
+        self._closing = False
+        self._watching_write = False
+
+    def on_ready(self) -> None:
+        if self._outbuf:
+            self._flush()
+        if self._sock.fileno() < 0 or self._closing:
+            return
+        try:
+            data = self._sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self._inbuf += data
+        while not self._closing:
+            end = self._inbuf.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._inbuf[:end])
+            del self._inbuf[: end + 1]
+            self._reply(self._answer(line))
+        if len(self._inbuf) > MAX_LINE and not self._closing:
+            self._reply({"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
+            self._closing = True
+            self._inbuf.clear()
+            self._flush()
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        if len(line) > MAX_LINE:
+            return {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"}
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            return {"ok": False, "error": "request is not valid UTF-8"}
+        except ValueError as exc:
+            return {"ok": False, "error": f"request is not valid JSON: {exc}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "request must be a JSON object"}
+        name = request.get("command")
+        if not isinstance(name, str):
+            return {"ok": False, "error": 'request needs a "command" string'}
+        command = self._server.commands.get(name)
+        if command is None:
+            known = ", ".join(sorted(self._server.commands))
+            return {"ok": False, "error": f"unknown command {name!r}; commands: {known}"}
+        try:
+            return {"ok": True, "result": command(request)}
+        except CommandError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug in a command must not take the daemon down
+            log.error("control_command_failed", command=name, exc_info=True)
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+    def _reply(self, reply: dict[str, Any]) -> None:
+        self._outbuf += json.dumps(reply, separators=(",", ":"), default=str).encode() + b"\n"
+        if len(self._outbuf) > MAX_OUTPUT:
+            log.warning("control_client_stuck", pending=len(self._outbuf))
+            self.close()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self._outbuf:
+                sent = self._sock.send(self._outbuf)
+                del self._outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.close()
+            return
+        if self._outbuf and not self._watching_write:
+            self._server.host.rewatch(
+                self._sock.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE
+            )
+            self._watching_write = True
+        elif not self._outbuf:
+            if self._watching_write:
+                self._server.host.rewatch(self._sock.fileno(), selectors.EVENT_READ)
+                self._watching_write = False
+            if self._closing:
+                self.close()
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._server.host.unwatch(self._sock.fileno())
+            self._sock.close()
+        self._server.connections.discard(self)

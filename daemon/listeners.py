@@ -1,0 +1,405 @@
+"""selectd's servers: the `servers` transports plus access control, timeouts, counters and dispatch.
+
+A ManagedServer is an ordinary socketserver-style server (a handler sees it as `self.server`, with
+`self.server.options` from the config). What it adds sits in the stdlib's own hooks:
+
+- verify_request: the allow/deny CIDR lists.
+- process_request: hand the request to the server's dispatcher (inline, thread pool, fork pool);
+  a full dispatcher means the request is rejected, closed at once and counted.
+- handle_error: one structured `request_failed` event, and the error count.
+- run_request: finish_request with the error handling every dispatcher shares.
+
+Per-connection timeouts use SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a timeout on a
+blocking socket costs nothing per recv, where settimeout() turns every recv into poll()+recv. On
+TCP they are set once on the listener, and every accepted socket inherits them from it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import enum
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import sys
+import threading
+from typing import Any, Protocol
+
+import servers
+from servers.ratelimit import RateLimiter
+
+from .config import ServerConfig
+from .log import format_address, get_logger
+
+log = get_logger()
+
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+class State(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Dispatcher(Protocol):
+    """How a server runs its requests: inline, in a thread pool, or in a fork pool."""
+
+    def submit(self, request: Any, client_address: Any) -> bool: ...
+    def active(self) -> int: ...
+    def queued(self) -> int: ...
+    def idle(self) -> bool: ...
+    def force(self) -> int: ...
+    def close(self) -> None: ...
+    def closed(self) -> bool: ...
+
+
+# Upper bounds (seconds) of the request duration histogram's buckets; +Inf is implied.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Counters:
+    """A server's request figures. Thread-pool workers update them, hence the lock.
+
+    They belong to the configured server, not to one listener: they survive stop/start and
+    reloads.
+    """
+
+    __slots__ = (
+        "buckets",
+        "completed",
+        "denied",
+        "duration_sum",
+        "errors",
+        "lock",
+        "rejected",
+        "requests",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0  # taken and dispatched (after verify_request)
+        self.completed = 0  # finished, with or without error
+        self.errors = 0  # handler raised, or a fork worker died mid-request
+        self.denied = 0  # refused by allow/deny
+        self.rejected = 0  # no room in the pool's queue
+        self.duration_sum = 0.0
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
+        self.lock = threading.Lock()
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def finished(self, seconds: float, failed: bool) -> None:
+        """Account one request that ran for `seconds` and ended well or not."""
+        index = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        with self.lock:
+            self.completed += 1
+            if failed:
+                self.errors += 1
+            self.duration_sum += seconds
+            self.buckets[index] += 1
+
+
+class Acl:
+    """allow/deny CIDR lists: deny wins; an empty allow list admits everyone."""
+
+    def __init__(self, allow: tuple[Any, ...], deny: tuple[Any, ...]) -> None:
+        self.allow = allow
+        self.deny = deny
+        self.open = not allow and not deny
+
+    def admits(self, client_address: Any) -> bool:
+        if self.open:
+            return True
+        if not isinstance(client_address, tuple):
+            return True  # unix peers have no address to check; config forbids ACLs there
+        try:
+            ip = ipaddress.ip_address(client_address[0].split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:10.1.2.3 is 10.1.2.3 as far as the rules go
+        if any(ip in net for net in self.deny):
+            return False
+        return not self.allow or any(ip in net for net in self.allow)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking recv/send on `sock` give up after `seconds` (EAGAIN) with no per-call cost."""
+    value = _timeval(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+class IOTimeoutSocket(socket.socket):
+    """A connection whose SO_RCVTIMEO/SO_SNDTIMEO expiry raises TimeoutError, as settimeout()'s
+    would, instead of surfacing as EAGAIN.
+
+    On a blocking socket an expired SO_RCVTIMEO looks like EAGAIN, and the stdlib's buffered
+    files treat EAGAIN as "no data yet": rfile.readline() would hand a stalled client's half line
+    to the handler as if it were whole. Raising TimeoutError keeps the stdlib's semantics (the
+    handler fails on a timeout) at the cost of one Python call per I/O, which is far less than
+    the poll() that settimeout() adds to every recv.
+    """
+
+    __slots__ = ()
+
+    def recv(self, *args: Any) -> bytes:
+        try:
+            return super().recv(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def recv_into(self, *args: Any) -> int:
+        try:
+            return super().recv_into(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def send(self, *args: Any) -> int:
+        try:
+            return super().send(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def sendall(self, *args: Any) -> None:
+        try:
+            super().sendall(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+
+def attach_drop_all_filter(sock: socket.socket) -> None:
+    """Make a TCP listener drop every new SYN, so nothing new completes its handshake.
+
+    Used before the last drain of the accept queue on stop: connections already queued are
+    served, and a client arriving after that sees its SYN unanswered, then refused once the
+    listener closes, instead of being accepted by the kernel and reset by the close.
+    """
+    # One classic BPF instruction: BPF_RET | BPF_K with k = 0 (accept 0 bytes: drop).
+    insn = struct.pack("HBBI", 0x06, 0, 0, 0)
+    buf = ctypes.create_string_buffer(insn)
+    prog = struct.pack("HL", 1, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+
+
+class ManagedMixIn:
+    """selectd's policy for a `servers` transport. See the module docstring.
+
+    Instance variables:
+
+    - config: the ServerConfig this server was built from
+    - name: the server's name in the config
+    - options: the config's free-form [servers.NAME.options] table, read-only
+    - counters: Counters
+    - dispatcher: the Dispatcher running its requests (set after construction)
+    """
+
+    config: ServerConfig
+    dispatcher: Dispatcher
+    socket: socket.socket
+    address_family: int
+    socket_type: int
+    server_address: Any
+    allow_reuse_address: bool
+    allow_reuse_port: bool
+    request_queue_size: int
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        counters: Counters | None = None,
+        bind_and_activate: bool = True,
+    ) -> None:
+        self.address_family = config.listen.family
+        self.allow_reuse_address = config.allow_reuse_address
+        self.allow_reuse_port = config.allow_reuse_port
+        self.request_queue_size = config.request_queue_size
+        self.config = config
+        self.name = config.name
+        self.options = config.options
+        self.counters = counters if counters is not None else Counters()
+        self.acl = Acl(config.allow, config.deny)
+        self._deny_log = RateLimiter()
+        self._reject_log = RateLimiter()
+        self._io_timeout = config.timeout if self.socket_type == socket.SOCK_STREAM else 0
+        # Unix stream sockets do not inherit the listener's timeouts, TCP sockets do.
+        self._per_connection_timeout = bool(self._io_timeout) and (
+            self.address_family == socket.AF_UNIX
+        )
+        super().__init__(  # type: ignore[call-arg]
+            config.listen.sockaddr(), config.handler_class(), bind_and_activate
+        )
+
+    def server_activate(self) -> None:
+        super().server_activate()  # type: ignore[misc]
+        self._set_listener_timeout()
+
+    def _set_listener_timeout(self) -> None:
+        # TCP connections inherit SO_RCVTIMEO/SO_SNDTIMEO from their listener: set once here.
+        if self.socket_type == socket.SOCK_STREAM and self.address_family != socket.AF_UNIX:
+            set_io_timeout(self.socket, self._io_timeout)
+
+    def adopt(self, previous: ManagedMixIn) -> None:
+        """Take over `previous`'s bound, listening socket (a reload that kept the address).
+
+        The socket stays open and keeps its accept queue; only the policy around it is new.
+        """
+        self.socket.close()
+        self.socket = previous.socket
+        self.server_address = previous.server_address
+        self._bound_path = getattr(previous, "_bound_path", None)
+        previous._bound_path = None  # type: ignore[attr-defined]
+        self._set_listener_timeout()
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_UNIX:
+            _remove_stale_unix_socket(self.server_address)
+        super().server_bind()  # type: ignore[misc]
+
+    def connection(self, fd: int) -> socket.socket:
+        """The socket object for a connection's descriptor (accepted here or handed over)."""
+        cls = IOTimeoutSocket if self._io_timeout else socket.socket
+        return cls(self.address_family, self.socket_type, 0, fileno=fd)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self.acl.admits(client_address):
+            return True
+        self.counters.add(denied=1)
+        suppressed = self._deny_log.allow()
+        if suppressed is not None:
+            log.warning(
+                "request_denied",
+                server=self.name,
+                client=format_address(client_address),
+                suppressed=suppressed,
+            )
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._per_connection_timeout:
+            set_io_timeout(request, self._io_timeout)
+        if self.dispatcher.submit(request, client_address):
+            self.counters.add(requests=1)
+            return
+        self.counters.add(rejected=1)
+        suppressed = self._reject_log.allow()
+        if suppressed is not None:
+            log.warning(
+                "request_rejected",
+                server=self.name,
+                client=format_address(client_address),
+                reason="queue full",
+                max_queue=self.config.max_queue,
+                suppressed=suppressed,
+            )
+        self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def run_request(self, request: Any, client_address: Any) -> bool:
+        """Run the handler for one request and close it; False when the handler failed.
+
+        Accounting is the dispatcher's: it knows how long the request took (for a fork worker,
+        only the supervisor can tell).
+
+        A handler's SystemExit is a failed request like any other: it must not end a worker
+        thread, a fork worker's loop or, for inline servers, the daemon.
+        """
+        ok = True
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except BaseException:
+            ok = False
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+        return ok
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, TimeoutError):
+            # A client that stalls past `timeout` is not a bug in the handler: no traceback.
+            log.warning(
+                "request_timeout",
+                server=self.name,
+                client=format_address(client_address),
+                timeout=self.config.timeout,
+            )
+            return
+        log.error(
+            "request_failed",
+            server=self.name,
+            client=format_address(client_address),
+            exc_type=type(exc).__name__,
+            exc_message=str(exc),
+            exc_info=True,
+        )
+
+
+def _remove_stale_unix_socket(path: Any) -> None:
+    """Remove a socket file left by a dead process; a live one is left for bind() to refuse."""
+    if not isinstance(path, str) or not path or path.startswith("\0"):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EPROTOTYPE, errno.ENOTSOCK):
+            raise
+        if exc.errno == errno.EPROTOTYPE:  # a datagram socket: probe it as one
+            _remove_stale_dgram_socket(path)
+    finally:
+        probe.close()
+
+
+def _remove_stale_dgram_socket(path: str) -> None:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    finally:
+        probe.close()
+
+
+class ManagedStreamServer(ManagedMixIn, servers.TCPServer):
+    """TCP (IPv4/IPv6) or Unix stream: the family follows the address."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # socket.accept() with our connection class (see IOTimeoutSocket).
+        fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
+        return self.connection(fd), client_address
+
+
+class ManagedDatagramServer(ManagedMixIn, servers.UDPServer):
+    """UDP (IPv4/IPv6) or Unix datagram: the family follows the address."""
+
+
+def build_server(
+    config: ServerConfig,
+    counters: Counters | None = None,
+    adopt: ManagedMixIn | None = None,
+) -> ManagedStreamServer | ManagedDatagramServer:
+    """The server for `config`: bound and listening, or on `adopt`'s socket; OSError if it
+    cannot bind."""
+    cls = ManagedStreamServer if config.socket_type == "stream" else ManagedDatagramServer
+    server = cls(config, counters, bind_and_activate=adopt is None)
+    if adopt is not None:
+        server.adopt(adopt)
+    return server

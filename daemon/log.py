@@ -1,0 +1,96 @@
+"""Structured logging for the daemon: structlog, JSON lines or a readable console.
+
+Every event is one line: `event`, `level`, `timestamp`, `pid`, plus the fields of the call
+(`server`, `client`, ...). Events below the configured level cost one method call that returns at
+once: make_filtering_bound_logger builds no-op methods for them, so the hot path pays nothing.
+
+The `servers` package logs through the stdlib's logging module; a small handler forwards those
+records into the same structlog pipeline, so the whole process speaks one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.setdefault("pid", os.getpid())
+    return event
+
+
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """'auto' means console on a terminal, json otherwise (under systemd, in files, in tests)."""
+    if fmt != "auto":
+        return fmt
+    return "console" if stream.isatty() else "json"
+
+
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog (and the stdlib bridge) for this process.
+
+    Call again in a forked child: it builds fresh loggers, whose locks the fork cannot have
+    caught held by another thread.
+    """
+    stream = stream or sys.stderr
+    fmt = resolve_format(fmt, stream)
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_pid,
+    ]
+    renderer: list[Any]
+    if fmt == "json":
+        renderer = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+    else:
+        renderer = [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    structlog.configure(
+        processors=[*shared, *renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    bridge = logging.getLogger("servers")
+    bridge.handlers[:] = [_StructlogBridge()]
+    bridge.setLevel(LEVELS[level])
+    bridge.propagate = False
+
+
+class _StructlogBridge(logging.Handler):
+    """Forward stdlib logging records (from servers/) into structlog."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name}
+        if "client_address" in record.__dict__:
+            fields["client"] = format_address(record.__dict__["client_address"])
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        get_logger().log(record.levelno, record.getMessage(), **fields)
+
+
+def get_logger(**initial: Any) -> Any:
+    return structlog.get_logger(**initial)
+
+
+def format_address(address: Any) -> str:
+    """A client or server address as one string: '127.0.0.1:5000', '[::1]:5000', a path."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):
+        address = address.decode("utf-8", "replace")
+    if isinstance(address, str) and address.startswith("\0"):
+        return "@" + address[1:]
+    return str(address) if address else "unix:unnamed"

@@ -1,0 +1,558 @@
+"""The supervisor: one selectors loop that serves every configured server.
+
+Everything the supervisor waits on is a file descriptor in one selector, and each key's data is
+the callback to run when it is ready: the listeners (each server's non-blocking step from
+servers/), the control socket and its connections, the signal wakeup socket, the pools' wakeup (a
+thread pool going idle), and the fork workers' channels. select() blocks with no timeout but the
+nearest real deadline (a respawn backoff, the shutdown timeout); nothing polls.
+
+Lifecycle of a server (daemon.listeners.State): RUNNING <-> PAUSED, RUNNING -> DRAINING ->
+STOPPED, or FAILED when its fork pool cannot keep workers alive. Lifecycle of the daemon (Phase):
+STARTING -> RUNNING -> STOPPING -> STOPPED.
+
+Graceful stop: stop taking connections (a drop-all filter on TCP listeners, then drain the kernel's
+accept queue, then close, so nothing the kernel accepted is reset), let in-flight and queued
+requests finish within shutdown_timeout, then force what is left.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from servers.wakeup import Wakeup
+
+from . import log as logmod
+from .config import Config, ServerConfig
+from .control import ControlServer
+from .errors import DaemonError, ExitStatus
+from .forkpool import ForkPool
+from .listeners import (
+    Counters,
+    Dispatcher,
+    ManagedMixIn,
+    State,
+    attach_drop_all_filter,
+    build_server,
+)
+from .log import format_address, get_logger
+from .signals import SignalWakeup
+from .threadpool import InlineDispatcher, ThreadPool
+from .timers import Timer, Timers
+from .worker import detach_inherited
+
+log = get_logger()
+
+# How many requests one readiness event may take from a listener before the loop looks at the
+# other servers again: enough to amortise select() under load, small enough that a flood on one
+# server cannot starve the others. Inline requests run in the loop, so they get a smaller share.
+BATCH = {"inline": 4, "thread": 32, "fork": 32}
+CONTROL_BATCH = 8
+
+# After force, how long to wait for handlers and workers to go before exiting anyway.
+FORCE_GRACE = 3.0
+
+# Ceiling on connections taken from a listener's accept queue when it stops.
+BACKLOG_DRAIN_MAX = 65536
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class ServerUnit:
+    """One configured server: its config, its listener and dispatcher while it has them."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.server: Any = None
+        self.dispatcher: Dispatcher | None = None
+        # Pools replaced by a reload or a stop, finishing their in-flight requests.
+        self.retiring: list[Dispatcher] = []
+        self.state = State.STOPPED
+        self.registered = False
+        self.removed = False
+        self.address = str(config.listen)
+        self.backoff_timer: Timer | None = None
+        # Counters outlive the listener: a stop and start, or a reload, keeps the figures.
+        self.counters = Counters()
+
+    def busy(self) -> bool:
+        return self.state is State.DRAINING or bool(self.retiring)
+
+
+class Supervisor:
+    """Owns the loop, the servers, their pools and the control socket.
+
+    Methods for the caller:
+
+    - run() -> int: start every enabled server, serve until stopped, return the exit status.
+      Raises DaemonError when startup fails (a listener that cannot be bound).
+    - begin_shutdown(timeout=None): the graceful stop (what SIGTERM does).
+    - start_server / stop_server / pause_server / resume_server(name), reload(): what the
+      control socket's commands do; DaemonError carries the reason when they cannot.
+    """
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.phase = Phase.STARTING
+        self.started_at = time.monotonic()
+        self.selector = selectors.DefaultSelector()
+        self.timers = Timers()
+        self.units: dict[str, ServerUnit] = {}
+        self.control: ControlServer | None = None
+        self._wakeup = Wakeup()
+        self._signals: SignalWakeup | None = None
+        self._pids: dict[int, Callable[[int, int], None]] = {}
+        self._signal_actions: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.begin_shutdown,
+            signal.SIGINT: self._on_sigint,
+            signal.SIGHUP: self._on_sighup,
+            signal.SIGCHLD: self._reap,
+        }
+        self._stop_timer: Timer | None = None
+        self._completed_at_stop = 0
+        self._forced = 0
+        self._hard_deadline: Timer | None = None
+        self.exit_status = ExitStatus.OK
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.start()
+            self.loop()
+        finally:
+            self.close()
+        return int(self.exit_status)
+
+    def start(self) -> None:
+        self._signals = SignalWakeup(self._signal_actions)
+        self.watch(self._signals.fileno(), self._on_signals)
+        self.watch(self._wakeup.fileno(), self._wakeup.drain)
+        for config in self.config.servers.values():
+            unit = self.units[config.name] = ServerUnit(config)
+            if config.enabled:
+                self.start_unit(unit, self.bind(config.name, config))
+        from .commands import command_table
+
+        try:
+            self.control = ControlServer(
+                self.config.daemon.control_socket, self, command_table(self)
+            )
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot create control socket {self.config.daemon.control_socket}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        control = self.control
+        self.watch(control.fileno(), lambda: self._take(control, CONTROL_BATCH))
+        self.phase = Phase.RUNNING
+        log.info(
+            "daemon_ready",
+            servers=sum(1 for u in self.units.values() if u.state is State.RUNNING),
+            config=self.config.source,
+            control_socket=self.config.daemon.control_socket,
+        )
+
+    def loop(self) -> None:
+        select = self.selector.select
+        timers = self.timers
+        while self.phase is not Phase.STOPPED:
+            for key, _events in select(timers.timeout()):
+                key.data()
+            timers.run_due()
+            if self.phase is Phase.STOPPING or self._busy():
+                self._progress()
+
+    def close(self) -> None:
+        """Release everything the loop holds; idempotent."""
+        for unit in self.units.values():
+            if unit.server is not None:
+                self._close_listener(unit)
+            for dispatcher in [unit.dispatcher, *unit.retiring]:
+                if dispatcher is not None:
+                    dispatcher.force()
+                    dispatcher.close()
+            unit.dispatcher = None
+            unit.retiring.clear()
+        if self.control is not None:
+            self.unwatch(self.control.fileno())
+            self.control.server_close()
+            self.control = None
+        if self._signals is not None:
+            self._signals.close()
+            self._signals = None
+        self._wakeup.close()
+        self.selector.close()
+
+    # -- loop plumbing (also the PoolHost and ControlHost interfaces) ------------------------
+
+    def watch(
+        self, fd: int, callback: Callable[[], None], events: int = selectors.EVENT_READ
+    ) -> None:
+        self.selector.register(fd, events, callback)
+
+    def rewatch(self, fd: int, events: int) -> None:
+        key = self.selector.get_key(fd)
+        self.selector.modify(fd, events, key.data)
+
+    def unwatch(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self.timers.call_later(delay, callback)
+
+    def own_pid(self, pid: int, on_exit: Callable[[int, int], None]) -> None:
+        self._pids[pid] = on_exit
+
+    def pool_idle(self) -> None:
+        self._wakeup.wake()
+
+    def pool_failed(self, server: ManagedMixIn, reason: str) -> None:
+        unit = self.units.get(server.name)
+        if unit is None or unit.server is not server:
+            return
+        log.error("server_failed", server=unit.name, reason=reason)
+        self._close_listener(unit)
+        unit.state = State.FAILED
+
+    def fork_child(self, keep: set[int], child_main: Callable[[], None]) -> int:
+        """Fork; the child drops everything of the supervisor's but `keep` and runs child_main."""
+        pid = os.fork()
+        if pid:
+            return pid
+        try:
+            if self._signals is not None:
+                self._signals.close_in_child()
+            detach_inherited(keep)
+            # A fresh stream and fresh loggers: another thread may have held the old ones' locks
+            # at the moment of the fork.
+            stream = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            logmod.configure(self.config.daemon.log_format, self.config.daemon.log_level, stream)
+            child_main()
+        finally:
+            os._exit(1)
+
+    # -- servers -----------------------------------------------------------------------------
+
+    def bind(self, name: str, config: ServerConfig) -> Any:
+        """A bound, listening server for `config`; DaemonError naming it and its address."""
+        try:
+            return build_server(config, self.units[name].counters if name in self.units else None)
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot bind servers.{name} to {config.listen}: {exc.strerror or exc}"
+            ) from exc
+
+    def start_unit(self, unit: ServerUnit, server: Any) -> None:
+        """Serve `unit` on the bound `server`."""
+        config = unit.config
+        server.counters = unit.counters
+        unit.server = server
+        unit.address = format_address(server.server_address)
+        unit.dispatcher = server.dispatcher = self._dispatcher(config, server)
+        if isinstance(unit.dispatcher, ForkPool):
+            unit.dispatcher.start()
+        unit.state = State.RUNNING
+        self._listen(unit)
+        log.info(
+            "server_started",
+            server=unit.name,
+            address=unit.address,
+            socket_type=config.socket_type,
+            concurrency=config.concurrency,
+            workers=config.workers,
+        )
+
+    def _dispatcher(self, config: ServerConfig, server: ManagedMixIn) -> Dispatcher:
+        if config.concurrency == "thread":
+            return ThreadPool(server, config.workers, config.max_queue, self._wakeup.wake)
+        if config.concurrency == "fork":
+            return ForkPool(server, config.workers, config.max_queue, self)
+        return InlineDispatcher(server)
+
+    def _listen(self, unit: ServerUnit) -> None:
+        if not unit.registered and unit.server is not None:
+            batch = BATCH[unit.config.concurrency]
+            self.watch(unit.server.fileno(), lambda: self._on_listener(unit, batch))
+            unit.registered = True
+
+    def _unlisten(self, unit: ServerUnit) -> None:
+        if unit.registered:
+            self.unwatch(unit.server.fileno())
+            unit.registered = False
+        if unit.backoff_timer is not None:
+            unit.backoff_timer.cancel()
+            unit.backoff_timer = None
+
+    @staticmethod
+    def _take(server: Any, batch: int) -> None:
+        handle_ready = server.handle_ready
+        for _ in range(batch):
+            if not handle_ready():
+                break
+
+    def _on_listener(self, unit: ServerUnit, batch: int) -> None:
+        server = unit.server
+        self._take(server, batch)
+        backoff = server.accept_backoff()
+        if backoff:
+            # Out of descriptors (or similar): leave the listener out of the selector for a
+            # while instead of waking up for the same failing accept() over and over.
+            self._unlisten(unit)
+            unit.backoff_timer = self.call_later(backoff, lambda: self._end_backoff(unit, server))
+
+    def _end_backoff(self, unit: ServerUnit, server: Any) -> None:
+        unit.backoff_timer = None
+        if unit.server is server and unit.state is State.RUNNING:
+            self._listen(unit)
+
+    def _close_listener(self, unit: ServerUnit) -> None:
+        """Take the last connections the kernel accepted for `unit`, then close the listener."""
+        server = unit.server
+        self._unlisten(unit)
+        sock = server.socket
+        if sock.fileno() >= 0:
+            if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+                try:
+                    attach_drop_all_filter(sock)
+                except OSError as exc:  # pragma: no cover - no BPF: a narrower race remains
+                    log.warning("drop_filter_failed", server=unit.name, error=str(exc))
+            taken = 0
+            while taken < BACKLOG_DRAIN_MAX and server.handle_ready():
+                taken += 1
+        server.server_close()
+        unit.server = None
+
+    def _retire(self, unit: ServerUnit) -> None:
+        """Close the unit's listener and let its pool finish what it has."""
+        if unit.server is not None:
+            self._close_listener(unit)
+        if unit.dispatcher is not None:
+            unit.retiring.append(unit.dispatcher)
+            unit.dispatcher = None
+
+    def _busy(self) -> bool:
+        return any(u.busy() for u in self.units.values())
+
+    def _progress(self) -> None:
+        """Move retiring pools on: idle pools are closed; a draining server whose pools are all
+        closed is stopped (and forgotten, if a reload removed it)."""
+        for unit in list(self.units.values()):
+            for dispatcher in list(unit.retiring):
+                if dispatcher.idle():
+                    dispatcher.close()
+                if dispatcher.closed():
+                    unit.retiring.remove(dispatcher)
+            if unit.state is State.DRAINING and not unit.retiring:
+                unit.state = State.STOPPED
+                c = unit.counters
+                log.info(
+                    "server_stopped",
+                    server=unit.name,
+                    requests=c.requests,
+                    errors=c.errors,
+                    rejected=c.rejected,
+                )
+                if unit.removed:
+                    del self.units[unit.name]
+        if self.phase is Phase.STOPPING and not self._busy():
+            self._finish_shutdown()
+
+    # -- what the control socket can ask -----------------------------------------------------
+
+    def unit(self, name: str) -> ServerUnit:
+        unit = self.units.get(name)
+        if unit is None or unit.removed:
+            raise DaemonError(f"no server named {name!r}")
+        return unit
+
+    def start_server(self, name: str) -> None:
+        unit = self.unit(name)
+        if unit.state in (State.RUNNING, State.PAUSED):
+            raise DaemonError(f"server {name!r} is already {unit.state.value}")
+        if unit.state is State.DRAINING:
+            raise DaemonError(f"server {name!r} is still draining; start it once it has stopped")
+        self.start_unit(unit, self.bind(name, unit.config))
+
+    def stop_server(self, name: str) -> None:
+        unit = self.unit(name)
+        if unit.state not in (State.RUNNING, State.PAUSED):
+            raise DaemonError(f"server {name!r} is not running (it is {unit.state.value})")
+        unit.state = State.DRAINING
+        self._retire(unit)
+        log.info("server_draining", server=name)
+        self._progress()
+
+    def pause_server(self, name: str) -> None:
+        unit = self.unit(name)
+        if unit.state is not State.RUNNING:
+            raise DaemonError(f"server {name!r} is not running (it is {unit.state.value})")
+        self._unlisten(unit)
+        unit.state = State.PAUSED
+        log.info("server_paused", server=name)
+
+    def resume_server(self, name: str) -> None:
+        unit = self.unit(name)
+        if unit.state is not State.PAUSED:
+            raise DaemonError(f"server {name!r} is not paused (it is {unit.state.value})")
+        unit.state = State.RUNNING
+        self._listen(unit)
+        log.info("server_resumed", server=name)
+
+    # Reload's steps (daemon.reload decides which to take).
+
+    def remove_unit(self, name: str) -> None:
+        unit = self.units[name]
+        unit.removed = True
+        if unit.state in (State.RUNNING, State.PAUSED, State.DRAINING):
+            unit.state = State.DRAINING
+            self._retire(unit)
+        else:
+            del self.units[name]
+        log.info("server_removed", server=name)
+
+    def add_unit(self, config: ServerConfig, server: Any) -> None:
+        unit = self.units[config.name] = ServerUnit(config)
+        if server is not None:
+            self.start_unit(unit, server)
+
+    def change_unit(self, name: str, config: ServerConfig, server: Any) -> None:
+        """Give `name` its new settings; `server` is its new listener if it needed one."""
+        unit = self.units[name]
+        was_paused = unit.state is State.PAUSED
+        old_server = unit.server
+        unit.config = config
+        if not config.enabled:
+            if unit.state in (State.RUNNING, State.PAUSED):
+                unit.state = State.DRAINING
+                self._retire(unit)
+            return
+        if server is None and old_server is not None:
+            # Same address: a new server object adopts the listening socket, which stays open
+            # (and in the selector) throughout, so no connect is refused.
+            server = build_server(config, unit.counters, adopt=old_server)
+            if unit.dispatcher is not None:
+                unit.retiring.append(unit.dispatcher)
+                unit.dispatcher = None
+            self._unlisten(unit)
+            unit.server = None
+        elif old_server is not None:
+            self._retire(unit)
+        if unit.state is State.DRAINING and unit.dispatcher is None and not unit.retiring:
+            unit.state = State.STOPPED
+        self.start_unit(unit, server)
+        if was_paused:
+            self.pause_server(name)
+        log.info("server_changed", server=name)
+
+    def set_config(self, config: Config, live_daemon_keys: list[str]) -> None:
+        self.config = config
+        if {"log_format", "log_level"} & set(live_daemon_keys):
+            logmod.configure(config.daemon.log_format, config.daemon.log_level)
+
+    # -- signals and shutdown ----------------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        assert self._signals is not None
+        for signum in self._signals.pending():
+            action = self._signal_actions.get(signum)
+            if action is not None:
+                action()
+
+    def _on_sigint(self) -> None:
+        if self.phase is Phase.STOPPING:
+            self.force_shutdown()  # a second Ctrl-C: stop waiting
+        else:
+            self.begin_shutdown()
+
+    def _on_sighup(self) -> None:
+        from .commands import reload_from_file
+
+        try:
+            result = reload_from_file(self)
+        except DaemonError as exc:
+            log.error("reload_failed", error=str(exc))
+        else:
+            log.info("reload_done", **result)
+
+    def _reap(self) -> None:
+        """Reap every exited child: waitpid(-1, WNOHANG) until none is left."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            on_exit = self._pids.pop(pid, None)
+            if on_exit is not None:
+                on_exit(pid, status)
+
+    def _completed(self) -> int:
+        return sum(unit.counters.completed for unit in self.units.values())
+
+    def begin_shutdown(self, timeout: float | None = None) -> None:
+        if self.phase is not Phase.RUNNING:
+            return
+        timeout = self.config.daemon.shutdown_timeout if timeout is None else timeout
+        self.phase = Phase.STOPPING
+        in_flight = sum(
+            d.active() + d.queued()
+            for u in self.units.values()
+            for d in [u.dispatcher, *u.retiring]
+            if d is not None
+        )
+        log.info("shutdown_begun", timeout=timeout, in_flight=in_flight)
+        self._completed_at_stop = self._completed()
+        for unit in self.units.values():
+            if unit.state in (State.RUNNING, State.PAUSED, State.DRAINING):
+                unit.state = State.DRAINING
+                self._retire(unit)
+        self._stop_timer = self.call_later(timeout, self.force_shutdown)
+        self._progress()
+
+    def force_shutdown(self) -> None:
+        if self.phase is not Phase.STOPPING or self._hard_deadline is not None:
+            return
+        forced = 0
+        for unit in self.units.values():
+            for dispatcher in unit.retiring:
+                forced += dispatcher.force()
+        self._forced += forced
+        log.warning("shutdown_forcing", forced=forced)
+        self._hard_deadline = self.call_later(FORCE_GRACE, self._give_up)
+        self._progress()
+
+    def _give_up(self) -> None:
+        stuck = [u.name for u in self.units.values() if u.busy()]
+        log.error("shutdown_stuck", servers=stuck)
+        self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        if self.phase is Phase.STOPPED:
+            return
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+        if self._hard_deadline is not None:
+            self._hard_deadline.cancel()
+        drained = max(0, self._completed() - self._completed_at_stop - self._forced)
+        log.info("shutdown_complete", drained=drained, forced=self._forced)
+        if self._forced:
+            self.exit_status = ExitStatus.RUNTIME
+        self.phase = Phase.STOPPED

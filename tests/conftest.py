@@ -1,0 +1,187 @@
+"""Shared fixtures: free loopback ports and a real selectd process to test against."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """A selectd process started from a TOML text, with its JSON log lines at hand."""
+
+    def __init__(
+        self, tmp_path: Path, config: str, args: tuple[str, ...] = (), path: str = ""
+    ) -> None:
+        self.dir = tmp_path
+        self.config_path = tmp_path / "selectd.toml"
+        self.config_path.write_text(config)
+        self.log_path = tmp_path / "selectd.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        pythonpath = [p for p in (path, str(REPO), os.environ.get("PYTHONPATH", "")) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
+        env.pop("SELECTD_CONFIG", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "-c", str(self.config_path), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=tmp_path,
+        )
+        self.pid = self.proc.pid
+        self._seen = 0
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON event logged so far (non-JSON lines are kept as {'raw': line})."""
+        out = []
+        for line in self.log_path.read_bytes().decode("utf-8", "replace").splitlines():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                value = {"raw": line}
+            out.append(value if isinstance(value, dict) else {"raw": line})
+        return out
+
+    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events()
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def wait_event(self, event: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        def seen() -> Any:
+            found = self.find(event, **fields)
+            if not found and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"selectd exited {self.proc.returncode} before {event}: {self.log_text()}"
+                )
+            return found[-1] if found else None
+
+        return wait_for(seen, timeout)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        self.wait_event("daemon_ready", timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def strays(self) -> list[int]:
+        """Processes still running this daemon's command line (forked workers carry it)."""
+        marker = str(self.config_path)
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if p.info["pid"] != self.pid and marker in (p.info["cmdline"] or []):
+                found.append(p.info["pid"])
+        return found
+
+    def send(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.send(sig)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        children = self.children()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._log.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """start_daemon(config_text, ready=True) -> Daemon.
+
+    tmp_path is on the daemon's PYTHONPATH, for handler modules a test writes there. Every daemon
+    is killed at teardown, and the test fails if one left a process behind after its own exit.
+    """
+    started: list[Daemon] = []
+
+    def start(config: str, ready: bool = True, args: tuple[str, ...] = ()) -> Daemon:
+        sub = tmp_path / f"d{len(started)}"
+        sub.mkdir()
+        daemon = Daemon(sub, config, args, path=str(tmp_path))
+        started.append(daemon)
+        if ready:
+            daemon.wait_ready()
+        return daemon
+
+    yield start
+    leaked = []
+    for daemon in started:
+        if daemon.proc.poll() is not None:
+            # Workers notice their supervisor is gone (EOF on their channel) and exit at once.
+            deadline = time.monotonic() + 5
+            while daemon.strays() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            leaked += daemon.strays()
+        daemon.close()
+    assert not leaked, f"processes outlived their daemon: {leaked}"
+
+
+def daemon_section(tmp_path: Path, **extra: Any) -> str:
+    """A [daemon] table for tests: a private control socket, JSON logs at debug level."""
+    lines = [
+        "[daemon]",
+        f'control_socket = "{tmp_path}/control.sock"',
+        'log_format = "json"',
+        'log_level = "debug"',
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def echo_roundtrip(port: int, payload: bytes = b"hello\n", host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
