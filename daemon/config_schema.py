@@ -347,6 +347,8 @@ def parse_listen(value: Any) -> Address:
     bracketed = re.fullmatch(r"\[([^\[\]]*)\]:([^:]*)", value)
     if bracketed:
         host, port = bracketed[1], bracketed[2]
+    elif value.startswith("["):
+        raise Invalid(f'{show(value)} is not of the form "[IPv6]:PORT"')
     else:
         host, colon, port = value.rpartition(":")
         if not colon:

@@ -46,6 +46,13 @@ class Fail(socketserver.StreamRequestHandler):
         raise ValueError("boom: " + line.decode().strip())
 
 
+class Die(socketserver.BaseRequestHandler):
+    """Kills its own process: in a fork worker, a worker that dies before serving anything."""
+
+    def handle(self):
+        os._exit(9)
+
+
 class ReadLine(socketserver.StreamRequestHandler):
     """Echoes lines until EOF; what a stalled client does to it is the test."""
 
@@ -200,6 +207,71 @@ def test_fork_worker_killed_is_replaced(start_daemon, tmp_path: Path, handlers: 
     wait_for(lambda: len(daemon.find("worker_spawned", server="pids")) == 3)
     pids = {int(ask(port, b"pid?\n")) for _ in range(20)}
     assert victim not in pids
+    assert daemon.stop() == 0
+
+
+def test_workers_that_keep_dying_mark_the_server_failed(
+    start_daemon, tmp_path: Path, handlers: str
+) -> None:
+    port = free_port()
+    echo_port = free_port()
+    config = daemon_section(tmp_path)
+    config += server_section(
+        "doomed",
+        listen=f"127.0.0.1:{port}",
+        handler=f"{handlers}:Die",
+        concurrency="fork",
+        workers=1,
+    )
+    config += server_section("echo", listen=f"127.0.0.1:{echo_port}", handler="echo")
+    daemon = start_daemon(config)
+
+    def poke() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                s.sendall(b"x")
+                s.recv(10)
+        except ConnectionRefusedError:
+            return True  # the listener is gone: the server gave up
+        except OSError:
+            pass
+        return bool(daemon.find("server_failed", server="doomed"))
+
+    wait_for(poke, 30, interval=0.05)
+    failed = daemon.wait_event("server_failed", server="doomed")
+    assert "died at boot" in failed["reason"]
+    exits = daemon.find("worker_exited", server="doomed")
+    assert len(exits) >= 5 and all(e["exit_code"] == 9 for e in exits)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    assert echo_roundtrip(echo_port) == b"hello\n", "the other servers carry on"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread", "fork"])
+def test_no_descriptor_leaks_across_many_requests(
+    start_daemon, tmp_path: Path, handlers: str, mode: str
+) -> None:
+    port = free_port()
+    fail_port = free_port()
+    config = daemon_section(tmp_path, log_level="warning")
+    config += server_section(
+        "echo", listen=f"127.0.0.1:{port}", handler="echo", concurrency=mode, timeout=5
+    )
+    config += server_section(
+        "fail", listen=f"127.0.0.1:{fail_port}", handler=f"{handlers}:Fail", concurrency=mode
+    )
+    daemon = start_daemon(config)
+    proc = psutil.Process(daemon.pid)
+    assert echo_roundtrip(port) == b"hello\n"
+    baseline = proc.num_fds()
+    for _ in range(100):
+        assert echo_roundtrip(port) == b"hello\n"
+        assert ask(fail_port, b"boom\n") == b""
+    wait_for(lambda: proc.num_fds() <= baseline, 5)
+    workers = daemon.children()
+    if mode == "fork":
+        wait_for(lambda: all(w.num_fds() <= 8 for w in workers), 5)
     assert daemon.stop() == 0
 
 
