@@ -16,7 +16,7 @@ from .control import Command, CommandError
 from .errors import DaemonError
 from .log import get_logger
 from .reload import apply_reload
-from .stats import ProcessSampler, metrics_text, status
+from .stats import metrics_text, status
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -47,7 +47,7 @@ def reload_from_file(supervisor: Supervisor) -> dict[str, Any]:
 
 
 def command_table(supervisor: Supervisor) -> dict[str, Command]:
-    sampler = ProcessSampler()
+    sampler = supervisor.sampler
 
     def guarded(action: Callable[[], Any]) -> Any:
         try:

@@ -34,6 +34,7 @@ from .config_schema import (
     UNKNOWN,
     Address,
     Field,
+    Invalid,
     Network,
     absolute_path,
     boolean,
@@ -93,6 +94,7 @@ class DaemonConfig:
     pidfile: str | None
     user: str | None
     group: str | None
+    metrics_listen: Address | None = None  # HTTP /metrics and /healthz, when set
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,15 @@ def default_control_socket() -> str:
 
 # -- the schema ------------------------------------------------------------------------------
 
+
+def inet_listen(value: Any) -> Address:
+    """A TCP address for the metrics endpoint: "127.0.0.1:9107" or "[::1]:9107"."""
+    address = parse_listen(value)
+    if address.kind != "inet":
+        raise Invalid(f"must be HOST:PORT or [IPv6]:PORT (an HTTP endpoint), got {show(value)}")
+    return address
+
+
 DAEMON_FIELDS: Final[Mapping[str, Field]] = {
     "control_socket": Field(
         absolute_path(unix_socket=True), default=lambda _: default_control_socket()
@@ -152,6 +163,7 @@ DAEMON_FIELDS: Final[Mapping[str, Field]] = {
     # Whether they exist is checked at startup, where the daemon switches to them.
     "user": Field(nonempty_string),
     "group": Field(nonempty_string),
+    "metrics_listen": Field(inet_listen, dump=str),
 }
 
 DEFAULT_WORKERS: Final = {"thread": 16, "fork": 4, "inline": 1}

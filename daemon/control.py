@@ -23,6 +23,7 @@ import os
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ class ControlHost(Protocol):
     def watch(self, fd: int, callback: Callable[[], None], events: int = ...) -> None: ...
     def rewatch(self, fd: int, events: int) -> None: ...
     def unwatch(self, fd: int) -> None: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any: ...
 
 
 Command = Callable[[dict[str, Any]], Any]
@@ -91,7 +93,7 @@ class ControlServer(servers.UnixStreamServer):
     def __init__(self, path: str, host: ControlHost, commands: dict[str, Command]) -> None:
         self.host = host
         self.commands = commands
-        self.connections: set[ControlConnection] = set()
+        self.connections: set[LoopConnection] = set()
         self.denied = 0
         prepare_socket_path(path)
         previous = os.umask(0o177)
@@ -110,9 +112,7 @@ class ControlServer(servers.UnixStreamServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         request.setblocking(False)
-        connection = ControlConnection(request, self)
-        self.connections.add(connection)
-        self.host.watch(request.fileno(), connection.on_ready)
+        ControlConnection(request, self)
 
     def server_close(self) -> None:
         for connection in list(self.connections):
@@ -120,20 +120,33 @@ class ControlServer(servers.UnixStreamServer):
         super().server_close()
 
 
-class ControlConnection:
-    """One control client: reads request lines, writes replies, never blocks."""
+class LoopConnection:
+    """A non-blocking connection served by the loop: buffered replies, never a blocking call.
 
-    __slots__ = ("_closing", "_inbuf", "_outbuf", "_server", "_sock", "_watching_write")
+    Subclasses implement received(data). send() queues bytes and writes what the peer takes;
+    the rest waits for EVENT_WRITE. Output piling up past MAX_OUTPUT (a peer that does not
+    read), or no activity for `idle_timeout` seconds, closes the connection.
+    """
 
-    def __init__(self, sock: socket.socket, server: ControlServer) -> None:
+    idle_timeout = 300.0
+
+    def __init__(self, sock: socket.socket, host: ControlHost, registry: set[Any]) -> None:
         self._sock = sock
-        self._server = server
-        self._inbuf = bytearray()
+        self._host = host
+        self._registry = registry
         self._outbuf = bytearray()
         self._closing = False
         self._watching_write = False
+        self._last_activity = time.monotonic()
+        registry.add(self)
+        host.watch(sock.fileno(), self.on_ready)
+        host.call_later(self.idle_timeout, self._check_idle)
+
+    def received(self, data: bytes) -> None:
+        raise NotImplementedError
 
     def on_ready(self) -> None:
+        self._last_activity = time.monotonic()
         if self._outbuf:
             self._flush()
         if self._sock.fileno() < 0 or self._closing:
@@ -148,6 +161,67 @@ class ControlConnection:
         if not data:
             self.close()
             return
+        self.received(data)
+
+    def _check_idle(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        idle = time.monotonic() - self._last_activity
+        if idle >= self.idle_timeout:
+            self.close()
+        else:
+            self._host.call_later(self.idle_timeout - idle, self._check_idle)
+
+    def send(self, data: bytes) -> None:
+        self._outbuf += data
+        if len(self._outbuf) > MAX_OUTPUT:
+            log.warning("client_not_reading", pending=len(self._outbuf))
+            self.close()
+            return
+        self._flush()
+
+    def close_when_sent(self) -> None:
+        self._closing = True
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        try:
+            while self._outbuf:
+                sent = self._sock.send(self._outbuf)
+                del self._outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.close()
+            return
+        if self._outbuf and not self._watching_write:
+            self._host.rewatch(self._sock.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
+            self._watching_write = True
+        elif not self._outbuf:
+            if self._watching_write:
+                self._host.rewatch(self._sock.fileno(), selectors.EVENT_READ)
+                self._watching_write = False
+            if self._closing:
+                self.close()
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._host.unwatch(self._sock.fileno())
+            self._sock.close()
+        self._registry.discard(self)
+
+
+class ControlConnection(LoopConnection):
+    """One control client: request lines in, reply lines out, in order."""
+
+    def __init__(self, sock: socket.socket, server: ControlServer) -> None:
+        self._server = server
+        self._inbuf = bytearray()
+        super().__init__(sock, server.host, server.connections)
+
+    def received(self, data: bytes) -> None:
         self._inbuf += data
         while not self._closing:
             end = self._inbuf.find(b"\n")
@@ -158,9 +232,8 @@ class ControlConnection:
             self._reply(self._answer(line))
         if len(self._inbuf) > MAX_LINE and not self._closing:
             self._reply({"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
-            self._closing = True
             self._inbuf.clear()
-            self._flush()
+            self.close_when_sent()
 
     def _answer(self, line: bytes) -> dict[str, Any]:
         if len(line) > MAX_LINE:
@@ -189,37 +262,4 @@ class ControlConnection:
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
     def _reply(self, reply: dict[str, Any]) -> None:
-        self._outbuf += json.dumps(reply, separators=(",", ":"), default=str).encode() + b"\n"
-        if len(self._outbuf) > MAX_OUTPUT:
-            log.warning("control_client_stuck", pending=len(self._outbuf))
-            self.close()
-            return
-        self._flush()
-
-    def _flush(self) -> None:
-        try:
-            while self._outbuf:
-                sent = self._sock.send(self._outbuf)
-                del self._outbuf[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self.close()
-            return
-        if self._outbuf and not self._watching_write:
-            self._server.host.rewatch(
-                self._sock.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE
-            )
-            self._watching_write = True
-        elif not self._outbuf:
-            if self._watching_write:
-                self._server.host.rewatch(self._sock.fileno(), selectors.EVENT_READ)
-                self._watching_write = False
-            if self._closing:
-                self.close()
-
-    def close(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._server.host.unwatch(self._sock.fileno())
-            self._sock.close()
-        self._server.connections.discard(self)
+        self.send(json.dumps(reply, separators=(",", ":"), default=str).encode() + b"\n")

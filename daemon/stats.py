@@ -9,6 +9,7 @@ into metric families at scrape time, so nothing is double-booked and nothing run
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -92,8 +93,6 @@ def _worker_figures(pid: int, sampler: ProcessSampler) -> dict[str, Any]:
 
 
 def daemon_status(supervisor: Supervisor, sampler: ProcessSampler) -> dict[str, Any]:
-    import os
-
     figures = sampler.sample(os.getpid())
     return {
         "pid": os.getpid(),
@@ -117,8 +116,6 @@ def status(supervisor: Supervisor, sampler: ProcessSampler, name: str | None) ->
 
 
 def _live_pids(supervisor: Supervisor) -> set[int]:
-    import os
-
     pids = {os.getpid()}
     for unit in supervisor.units.values():
         if isinstance(unit.dispatcher, ForkPool):
@@ -187,8 +184,6 @@ class _Collector:
         yield from self._process_metrics()
 
     def _process_metrics(self) -> Iterator[Metric]:
-        import os
-
         figures = self.sampler.sample(os.getpid())
         rss = GaugeMetricFamily(
             "selectd_process_resident_memory_bytes", "Resident memory.", labels=["process"]

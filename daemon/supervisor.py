@@ -42,7 +42,9 @@ from .listeners import (
     build_server,
 )
 from .log import format_address, get_logger
+from .metrics_http import MetricsServer
 from .signals import SignalWakeup
+from .stats import ProcessSampler, metrics_text
 from .threadpool import InlineDispatcher, ThreadPool
 from .timers import Timer, Timers
 from .worker import detach_inherited
@@ -112,6 +114,8 @@ class Supervisor:
         self.timers = Timers()
         self.units: dict[str, ServerUnit] = {}
         self.control: ControlServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.sampler = ProcessSampler()
         self._wakeup = Wakeup()
         self._signals: SignalWakeup | None = None
         self._pids: dict[int, Callable[[int, int], None]] = {}
@@ -158,6 +162,21 @@ class Supervisor:
             ) from exc
         control = self.control
         self.watch(control.fileno(), lambda: self._take(control, CONTROL_BATCH))
+        address = self.config.daemon.metrics_listen
+        if address is not None:
+            try:
+                self.metrics_server = MetricsServer(
+                    address,
+                    self,
+                    lambda: metrics_text(self, self.sampler),
+                    lambda: self.phase is Phase.RUNNING,
+                )
+            except OSError as exc:
+                raise DaemonError(
+                    f"cannot bind daemon.metrics_listen to {address}: {exc.strerror or exc}"
+                ) from exc
+            metrics = self.metrics_server
+            self.watch(metrics.fileno(), lambda: self._take(metrics, CONTROL_BATCH))
         self.phase = Phase.RUNNING
         log.info(
             "daemon_ready",
@@ -187,10 +206,11 @@ class Supervisor:
                     dispatcher.close()
             unit.dispatcher = None
             unit.retiring.clear()
-        if self.control is not None:
-            self.unwatch(self.control.fileno())
-            self.control.server_close()
-            self.control = None
+        for side in (self.control, self.metrics_server):
+            if side is not None:
+                self.unwatch(side.fileno())
+                side.server_close()
+        self.control = self.metrics_server = None
         if self._signals is not None:
             self._signals.close()
             self._signals = None

@@ -20,7 +20,6 @@ Layering: ratelimit, wakeup <- base (BaseServer) <- stream, datagram (transports
 
 from __future__ import annotations
 
-
 from .base import ACCEPT_CAPACITY_ERRNOS, SPURIOUS_ERRNOS, BaseServer, RequestDropped
 from .datagram import UDPServer, UnixDatagramServer
 from .handlers import BaseRequestHandler, DatagramRequestHandler, StreamRequestHandler
@@ -30,24 +29,24 @@ from .stream import TCPServer, UnixStreamServer
 __version__ = "0.1.0"
 
 __all__ = [
-    "BaseServer",
-    "TCPServer",
-    "UDPServer",
-    "ThreadingUDPServer",
-    "ThreadingTCPServer",
     "BaseRequestHandler",
-    "StreamRequestHandler",
+    "BaseServer",
     "DatagramRequestHandler",
-    "ThreadingMixIn",
-    "ForkingUDPServer",
-    "ForkingTCPServer",
     "ForkingMixIn",
-    "UnixStreamServer",
-    "UnixDatagramServer",
-    "ThreadingUnixStreamServer",
-    "ThreadingUnixDatagramServer",
-    "ForkingUnixStreamServer",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
     "ForkingUnixDatagramServer",
+    "ForkingUnixStreamServer",
+    "StreamRequestHandler",
+    "TCPServer",
+    "ThreadingMixIn",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+    "ThreadingUnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
 ]
 
 # Names beyond the stdlib's, for selectors-loop users.
@@ -84,5 +83,3 @@ class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer):
 
 class ForkingUnixDatagramServer(ForkingMixIn, UnixDatagramServer):
     pass
-
-

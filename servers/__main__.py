@@ -19,13 +19,19 @@ from .services import BUILTIN_SERVICES
 
 def parse_address(text: str) -> Any:
     """'127.0.0.1:7', '[::1]:7', 'unix:/run/x.sock' -> a server address."""
+    error = ValueError(f"expected HOST:PORT, [IPv6]:PORT or unix:PATH, got {text!r}")
     if text.startswith("unix:"):
+        if not text[5:]:
+            raise error  # bind("") would autobind an abstract address nobody can name
         return text[5:]
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, [IPv6]:PORT or unix:PATH, got {text!r}")
+    # A port beyond 65535 would reach bind() and fail there with an OverflowError traceback.
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise error
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif "[" in host or "]" in host:
+        raise error
     return (host, int(port))
 
 

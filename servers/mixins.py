@@ -4,10 +4,10 @@ Mixins override only process_request and server_close (and, for forking, the chi
 They are the stdlib's models kept for compatibility; selectd's own pools are bounded and live in the
 daemon.
 
-ForkingMixIn differs from the stdlib in how it reaps: each child gets a pidfd (Linux >= 5.3) that the
-serve_forever() loop watches, so a child is reaped the moment it exits, by its own pid. The stdlib's
-waitpid(-1) could reap children that belong to other code in the process, and with its 0.5 s poll
-gone nothing else would reap them promptly.
+ForkingMixIn differs from the stdlib in how it reaps: each child gets a pidfd (Linux >= 5.3)
+that the serve_forever() loop watches, so a child is reaped the moment it exits, by its own pid.
+The stdlib's waitpid(-1) could reap children that belong to other code in the process, and with
+its 0.5 s poll gone nothing else would reap them promptly.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A rate limiter for log lines that could otherwise flood the log.
 
-A server that runs out of descriptors fails every accept() for as long as the shortage lasts; logging
-each failure would turn one problem (no fds) into two (no fds and a full disk). The limiter lets one
-line through per interval and counts what it held back, so the next line can say how many it stands for.
+A server that runs out of descriptors fails every accept() for as long as the shortage lasts;
+logging each failure would turn one problem (no fds) into two (no fds and a full disk). The limiter
+lets one line through per interval and counts what it held back, so the next line can say how
+many it stands for.
 """
 
 from __future__ import annotations
