@@ -79,6 +79,10 @@ def run(config: Config, path: str | None) -> int:
         return exc.status
     except KeyboardInterrupt:  # pragma: no cover - only before the signal handlers exist
         return ExitStatus.RUNTIME
+    except Exception as exc:  # a bug: say so in the log's own format, exit 1
+        logmod.get_logger().critical("daemon_crashed", exc_type=type(exc).__name__, exc_info=True)
+        print(f"selectd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return ExitStatus.RUNTIME
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,11 +37,16 @@ def _server_name(request: dict[str, Any], required: bool) -> str | None:
 
 def reload_from_file(supervisor: Supervisor) -> dict[str, Any]:
     """Re-read the config the daemon was started with and apply it; DaemonError if refused."""
+    supervisor.notifier.reloading()
     try:
-        new = load_config(supervisor.config_path)
-    except ConfigError as exc:
-        raise DaemonError("reload refused, nothing changed: " + "; ".join(exc.problems)) from exc
-    result = apply_reload(supervisor, new)
+        try:
+            new = load_config(supervisor.config_path)
+        except ConfigError as exc:
+            problems = "; ".join(exc.problems)
+            raise DaemonError(f"reload refused, nothing changed: {problems}") from exc
+        result = apply_reload(supervisor, new)
+    finally:
+        supervisor.notifier.ready(supervisor.status_line())
     log.info("config_reloaded", **result)
     return result
 
@@ -88,6 +93,10 @@ def command_table(supervisor: Supervisor) -> dict[str, Command]:
         supervisor.begin_shutdown(timeout)
         return {"phase": supervisor.phase.value}
 
+    def upgrade(request: dict[str, Any]) -> Any:
+        pid = guarded(supervisor.upgrade)
+        return {"new_pid": pid, "done": "started; the new process takes over once it is ready"}
+
     def config(request: dict[str, Any]) -> Any:
         return dump_config(supervisor.config)
 
@@ -103,6 +112,7 @@ def command_table(supervisor: Supervisor) -> dict[str, Command]:
         "pause": per_server(supervisor.pause_server, "paused"),
         "resume": per_server(supervisor.resume_server, "resumed"),
         "shutdown": shutdown,
+        "upgrade": upgrade,
         "config": config,
         "metrics": metrics,
     }

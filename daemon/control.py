@@ -90,11 +90,21 @@ class ControlServer(servers.UnixStreamServer):
 
     request_queue_size = 64
 
-    def __init__(self, path: str, host: ControlHost, commands: dict[str, Command]) -> None:
+    def __init__(
+        self,
+        path: str,
+        host: ControlHost,
+        commands: dict[str, Command],
+        inherited: socket.socket | None = None,
+    ) -> None:
         self.host = host
         self.commands = commands
         self.connections: set[LoopConnection] = set()
         self.denied = 0
+        if inherited is not None:  # taking over from the daemon we upgrade
+            super().__init__(path, servers.BaseRequestHandler, bind_and_activate=False)
+            self.adopt_socket(inherited)
+            return
         prepare_socket_path(path)
         previous = os.umask(0o177)
         try:

@@ -2,7 +2,7 @@
 
     selectctl [-s SOCKET | -c CONFIG] [--json] COMMAND [SERVER]
 
-COMMAND is one of: ping, status [SERVER], reload, start|stop|pause|resume SERVER,
+COMMAND is one of: ping, status [SERVER], reload, start|stop|pause|resume SERVER, upgrade,
 shutdown [TIMEOUT], config, metrics. The socket is found as the daemon finds it: -s, else the
 control_socket of -c CONFIG, else of $SELECTD_CONFIG or the default config.
 
@@ -32,6 +32,7 @@ COMMANDS = (
     "pause",
     "resume",
     "shutdown",
+    "upgrade",
     "config",
     "metrics",
 )

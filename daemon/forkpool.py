@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import signal
 import socket
 import time
@@ -21,7 +22,14 @@ from typing import Any, Protocol
 from .listeners import ManagedMixIn
 from .log import get_logger
 from .timers import Timer
-from .worker import DONE_FAILED, send_request, worker_main
+from .worker import (
+    DONE_FAILED,
+    HEARTBEAT,
+    RETIRE_REASONS,
+    Limits,
+    send_request,
+    worker_main,
+)
 
 log = get_logger()
 
@@ -47,7 +55,16 @@ class PoolHost(Protocol):
 class Worker:
     """The supervisor's view of one worker process."""
 
-    __slots__ = ("busy", "channel", "handed_at", "pid", "served", "started")
+    __slots__ = (
+        "busy",
+        "channel",
+        "handed_at",
+        "last_seen",
+        "pid",
+        "retiring",
+        "served",
+        "started",
+    )
 
     def __init__(self, pid: int, channel: socket.socket) -> None:
         self.pid = pid
@@ -56,6 +73,8 @@ class Worker:
         self.served = 0
         self.started = time.monotonic()
         self.handed_at = 0.0  # when the request it is running was handed over
+        self.last_seen = time.monotonic()  # its last answer or heartbeat
+        self.retiring: str | None = None  # why it is on its way out, when it is
 
 
 class ForkPool:
@@ -82,21 +101,64 @@ class ForkPool:
         self._boot_failures = 0
         self._closing = False
         self.failed = False
+        config = server.config
+        self.worker_timeout: float | None = getattr(config, "worker_timeout", None)
+        self._max_requests: int | None = getattr(config, "max_requests", None)
+        self._jitter: int = getattr(config, "max_requests_jitter", 0) or 0
+        self._max_rss: int | None = getattr(config, "max_rss", None)
+        self._health_timer: Timer | None = None
 
     # -- workers ---------------------------------------------------------------------------
 
     def start(self) -> None:
         for _ in range(self.size):
             self._spawn()
+        if self.worker_timeout:
+            self._health_timer = self.host.call_later(self.worker_timeout / 2, self._check_health)
+
+    def _limits(self) -> Limits:
+        max_requests = self._max_requests
+        if max_requests and self._jitter:
+            # Spread the retirements, so that workers started together do not all restart
+            # at the same moment.
+            max_requests += random.randint(0, self._jitter)
+        heartbeat = self.worker_timeout / 3 if self.worker_timeout else None
+        return Limits(max_requests=max_requests, max_rss=self._max_rss, heartbeat=heartbeat)
+
+    def _check_health(self) -> None:
+        """Kill workers stuck on one request, or silent while idle, past worker_timeout."""
+        self._health_timer = None
+        if self._closing or not self.worker_timeout:
+            return
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            if worker.retiring:
+                continue
+            if worker.busy and now - worker.last_seen > self.worker_timeout:
+                self._kill_hung(worker, f"busy on one request for over {self.worker_timeout}s")
+            elif not worker.busy and now - worker.last_seen > self.worker_timeout:
+                self._kill_hung(worker, f"no heartbeat for over {self.worker_timeout}s")
+        self._health_timer = self.host.call_later(self.worker_timeout / 2, self._check_health)
+
+    def _kill_hung(self, worker: Worker, why: str) -> None:
+        worker.retiring = "worker_timeout"
+        log.warning("worker_hung", server=self.server.name, worker_pid=worker.pid, reason=why)
+        _kill(worker.pid, signal.SIGTERM)
+        self.host.call_later(KILL_GRACE, lambda: self._kill_if_alive(worker.pid))
+
+    def _kill_if_alive(self, pid: int) -> None:
+        if pid in self._workers:
+            _kill(pid, signal.SIGKILL)
 
     def _spawn(self) -> None:
         if self._closing or self.failed:
             return
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         server = self.server
+        limits = self._limits()
 
         def child_main() -> None:
-            worker_main(server.run_request, server.connection, child_end)
+            worker_main(server.run_request, server.connection, child_end, limits)
 
         try:
             pid = self.host.fork_child({child_end.fileno()}, child_main)
@@ -131,6 +193,8 @@ class ForkPool:
         request.close()  # the worker has its own copy now; shutdown() would cut it off
         worker.busy = True
         worker.handed_at = time.perf_counter()
+        if self.worker_timeout:
+            worker.last_seen = time.monotonic()  # from now on: busy since
         return True
 
     def _on_channel(self, worker: Worker) -> None:
@@ -146,8 +210,28 @@ class ForkPool:
         if not data:
             self._channel_closed(worker)
             return
+        worker.last_seen = time.monotonic()
+        if data == HEARTBEAT:
+            return
         worker.served += 1
-        self.server.counters.finished(time.perf_counter() - worker.handed_at, data == DONE_FAILED)
+        worker.busy = False
+        self.server.counters.finished(
+            time.perf_counter() - worker.handed_at, data[:1] == DONE_FAILED
+        )
+        if len(data) > 1:
+            # It finished its request and is retiring (max_requests, max_rss): its successor
+            # starts now, while it exits.
+            worker.retiring = RETIRE_REASONS.get(data[1], "retired")
+            log.info(
+                "worker_retiring",
+                server=self.server.name,
+                worker_pid=worker.pid,
+                reason=worker.retiring,
+                served=worker.served,
+            )
+            self._channel_closed(worker)
+            self._spawn()
+            return
         self._make_idle(worker)
 
     def _channel_closed(self, worker: Worker) -> None:
@@ -182,17 +266,21 @@ class ForkPool:
             fields["exit_code"] = code
         if lost:
             fields["lost_request"] = True
-        expected = self._closing and code == 0
+        if worker.retiring:
+            fields["reason"] = worker.retiring
+        expected = (self._closing or worker.retiring in RETIRE_REASONS.values()) and code == 0
         (log.info if expected else log.warning)("worker_exited", **fields)
         if self._closing:
             if not self._workers:
                 self.host.pool_idle()
             return
+        if worker.retiring in RETIRE_REASONS.values():
+            return  # its successor was started when it announced its retirement
         self._replace(worker)
 
     def _replace(self, worker: Worker) -> None:
         lived = time.monotonic() - worker.started
-        if lived < BOOT_GRACE and worker.served == 0:
+        if lived < BOOT_GRACE and worker.served == 0 and not worker.retiring:
             self._boot_failures += 1
         else:
             self._boot_failures = 0
@@ -250,6 +338,8 @@ class ForkPool:
     def close(self) -> None:
         """Retire every worker: each reads EOF on its channel and exits 0."""
         self._closing = True
+        if self._health_timer is not None:
+            self._health_timer.cancel()
         for worker in list(self._workers.values()):
             self._channel_closed(worker)
         if not self._workers:
@@ -261,6 +351,8 @@ class ForkPool:
     def force(self) -> int:
         """Cut off what is queued and running; SIGTERM every worker, SIGKILL the stragglers."""
         self._closing = True
+        if self._health_timer is not None:
+            self._health_timer.cancel()
         cut = self._drop_pending() + self.active()
         for worker in list(self._workers.values()):
             self._channel_closed(worker)

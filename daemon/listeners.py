@@ -257,11 +257,19 @@ class ManagedMixIn:
 
         The socket stays open and keeps its accept queue; only the policy around it is new.
         """
-        self.socket.close()
-        self.socket = previous.socket
-        self.server_address = previous.server_address
-        self._bound_path = getattr(previous, "_bound_path", None)
-        previous._bound_path = None  # type: ignore[attr-defined]
+        self.adopt_socket(previous.socket)  # type: ignore[attr-defined]
+        previous.disown_path()  # type: ignore[attr-defined]
+        self._set_listener_timeout()
+
+    def adopt_inherited(self, sock: socket.socket) -> None:
+        """Serve a socket passed by systemd or by the daemon this one took over from."""
+        if sock.type != self.socket_type:
+            kind = "stream" if sock.type == socket.SOCK_STREAM else "datagram"
+            raise ValueError(f"the inherited socket is a {kind} socket")
+        self.adopt_socket(sock)  # type: ignore[attr-defined]
+        self._per_connection_timeout = bool(self._io_timeout) and (
+            self.address_family == socket.AF_UNIX
+        )
         self._set_listener_timeout()
 
     def server_bind(self) -> None:
@@ -395,11 +403,19 @@ def build_server(
     config: ServerConfig,
     counters: Counters | None = None,
     adopt: ManagedMixIn | None = None,
+    inherited: socket.socket | None = None,
 ) -> ManagedStreamServer | ManagedDatagramServer:
-    """The server for `config`: bound and listening, or on `adopt`'s socket; OSError if it
-    cannot bind."""
+    """The server for `config`: bound and listening, or on `adopt`'s socket, or on an
+    `inherited` one; OSError if it cannot bind, ValueError if the inherited socket does not fit."""
     cls = ManagedStreamServer if config.socket_type == "stream" else ManagedDatagramServer
-    server = cls(config, counters, bind_and_activate=adopt is None)
+    fresh = adopt is None and inherited is None
+    server = cls(config, counters, bind_and_activate=fresh)
     if adopt is not None:
         server.adopt(adopt)
+    elif inherited is not None:
+        try:
+            server.adopt_inherited(inherited)
+        except BaseException:
+            server.socket.close()
+            raise
     return server

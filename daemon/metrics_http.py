@@ -34,13 +34,16 @@ class MetricsServer(servers.TCPServer):
         host: ControlHost,
         metrics: Callable[[], str],
         healthy: Callable[[], bool],
+        inherited: socket.socket | None = None,
     ) -> None:
         self.host = host
         self.metrics = metrics
         self.healthy = healthy
         self.connections: set[LoopConnection] = set()
         self.address_family = address.family
-        super().__init__(address.sockaddr(), servers.BaseRequestHandler)
+        super().__init__(address.sockaddr(), servers.BaseRequestHandler, inherited is None)
+        if inherited is not None:
+            self.adopt_socket(inherited)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         request.setblocking(False)

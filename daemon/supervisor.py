@@ -29,6 +29,7 @@ from typing import Any
 from servers.wakeup import Wakeup
 
 from . import log as logmod
+from . import pidfile, privileges, systemd, upgrade
 from .config import Config, ServerConfig
 from .control import ControlServer
 from .errors import DaemonError, ExitStatus
@@ -114,6 +115,11 @@ class Supervisor:
         self.timers = Timers()
         self.units: dict[str, ServerUnit] = {}
         self.control: ControlServer | None = None
+        self.notifier = systemd.Notifier()
+        self.inherited: dict[str, socket.socket] = {}
+        self._wrote_pidfile = False
+        self._pending_upgrade: upgrade.PendingUpgrade | None = None
+        self._handing_off = False
         self.metrics_server: MetricsServer | None = None
         self.sampler = ProcessSampler()
         self._wakeup = Wakeup()
@@ -124,6 +130,7 @@ class Supervisor:
             signal.SIGINT: self._on_sigint,
             signal.SIGHUP: self._on_sighup,
             signal.SIGCHLD: self._reap,
+            signal.SIGUSR2: self._on_sigusr2,
         }
         self._stop_timer: Timer | None = None
         self._completed_at_stop = 0
@@ -142,48 +149,108 @@ class Supervisor:
         return int(self.exit_status)
 
     def start(self) -> None:
+        """Bind everything, drop privileges, start the pools, say READY.
+
+        The order matters: listeners (ports below 1024 included), the control socket and the
+        pidfile are set up as the user who started us; the switch to [daemon] user/group comes
+        next, before any worker is forked, so no handler ever runs as root when a user is set.
+        """
+        daemon = self.config.daemon
         self._signals = SignalWakeup(self._signal_actions)
         self.watch(self._signals.fileno(), self._on_signals)
         self.watch(self._wakeup.fileno(), self._wakeup.drain)
+        self.inherited = systemd.listen_fds()
+        identity = privileges.resolve(daemon.user, daemon.group)
+        if daemon.pidfile:
+            pidfile.check(daemon.pidfile, upgrade.predecessor())
+        bound: dict[str, Any] = {}
         for config in self.config.servers.values():
-            unit = self.units[config.name] = ServerUnit(config)
+            self.units[config.name] = ServerUnit(config)
             if config.enabled:
-                self.start_unit(unit, self.bind(config.name, config))
-        from .commands import command_table
-
-        try:
-            self.control = ControlServer(
-                self.config.daemon.control_socket, self, command_table(self)
-            )
-        except OSError as exc:
-            raise DaemonError(
-                f"cannot create control socket {self.config.daemon.control_socket}: "
-                f"{exc.strerror or exc}"
-            ) from exc
-        control = self.control
-        self.watch(control.fileno(), lambda: self._take(control, CONTROL_BATCH))
-        address = self.config.daemon.metrics_listen
-        if address is not None:
-            try:
-                self.metrics_server = MetricsServer(
-                    address,
-                    self,
-                    lambda: metrics_text(self, self.sampler),
-                    lambda: self.phase is Phase.RUNNING,
-                )
-            except OSError as exc:
-                raise DaemonError(
-                    f"cannot bind daemon.metrics_listen to {address}: {exc.strerror or exc}"
-                ) from exc
-            metrics = self.metrics_server
-            self.watch(metrics.fileno(), lambda: self._take(metrics, CONTROL_BATCH))
+                bound[config.name] = self.bind(config.name, config)
+                self.units[config.name].server = bound[config.name]
+        self._start_control()
+        if daemon.pidfile:
+            pidfile.write(daemon.pidfile)
+            self._wrote_pidfile = True
+        if identity is not None:
+            self._hand_files_to(identity)
+            privileges.drop(identity)
+            log.info("privileges_dropped", user=identity.user, uid=identity.uid, gid=identity.gid)
+        for name, server in bound.items():
+            self.start_unit(self.units[name], server)
+        for name, sock in self.inherited.items():
+            log.warning("inherited_socket_unused", name=name)
+            sock.close()
+        self.inherited.clear()
         self.phase = Phase.RUNNING
         log.info(
             "daemon_ready",
             servers=sum(1 for u in self.units.values() if u.state is State.RUNNING),
             config=self.config.source,
-            control_socket=self.config.daemon.control_socket,
+            control_socket=daemon.control_socket,
         )
+        self.notifier.ready(self.status_line())
+        upgrade.report_ready()
+        if self.notifier.watchdog_interval:
+            self._watchdog()
+
+    def _start_control(self) -> None:
+        from .commands import command_table
+
+        daemon = self.config.daemon
+        try:
+            self.control = ControlServer(
+                daemon.control_socket,
+                self,
+                command_table(self),
+                inherited=self.inherited.pop(upgrade.CONTROL_NAME, None),
+            )
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot create control socket {daemon.control_socket}: {exc.strerror or exc}"
+            ) from exc
+        control = self.control
+        self.watch(control.fileno(), lambda: self._take(control, CONTROL_BATCH))
+        address = daemon.metrics_listen
+        if address is None:
+            return
+        try:
+            self.metrics_server = MetricsServer(
+                address,
+                self,
+                lambda: metrics_text(self, self.sampler),
+                lambda: self.phase is Phase.RUNNING,
+                inherited=self.inherited.pop(upgrade.METRICS_NAME, None),
+            )
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot bind daemon.metrics_listen to {address}: {exc.strerror or exc}"
+            ) from exc
+        metrics = self.metrics_server
+        self.watch(metrics.fileno(), lambda: self._take(metrics, CONTROL_BATCH))
+
+    def _hand_files_to(self, identity: privileges.Identity) -> None:
+        """The control socket and pidfile must stay usable by the user we become."""
+        paths = [self.config.daemon.control_socket]
+        if self.config.daemon.pidfile:
+            paths.append(self.config.daemon.pidfile)
+        for path in paths:
+            try:
+                os.chown(path, identity.uid, identity.gid)
+            except OSError as exc:
+                log.warning("chown_failed", path=path, error=exc.strerror)
+
+    def status_line(self) -> str:
+        running = sum(1 for u in self.units.values() if u.state is State.RUNNING)
+        requests = sum(u.counters.requests for u in self.units.values())
+        return f"{running}/{len(self.units)} servers running, {requests} requests"
+
+    def _watchdog(self) -> None:
+        # Sent from the loop itself: a wedged loop stops the pings and systemd restarts us.
+        self.notifier.watchdog()
+        if self.phase is not Phase.STOPPED:
+            self.call_later(self.notifier.watchdog_interval, self._watchdog)
 
     def loop(self) -> None:
         select = self.selector.select
@@ -214,6 +281,13 @@ class Supervisor:
         if self._signals is not None:
             self._signals.close()
             self._signals = None
+        if self._wrote_pidfile and self.config.daemon.pidfile:
+            pidfile.remove(self.config.daemon.pidfile)
+            self._wrote_pidfile = False
+        for sock in self.inherited.values():
+            sock.close()
+        self.inherited.clear()
+        self.notifier.close()
         self._wakeup.close()
         self.selector.close()
 
@@ -271,13 +345,35 @@ class Supervisor:
     # -- servers -----------------------------------------------------------------------------
 
     def bind(self, name: str, config: ServerConfig) -> Any:
-        """A bound, listening server for `config`; DaemonError naming it and its address."""
+        """A listening server for `config`: on a socket passed to us (socket activation, or the
+        daemon we take over from) when there is one for it, else freshly bound. DaemonError
+        naming the server and its address when it cannot be had."""
+        counters = self.units[name].counters if name in self.units else None
+        inherited = self._inherited_for(name, config)
         try:
-            return build_server(config, self.units[name].counters if name in self.units else None)
+            return build_server(config, counters, inherited=inherited)
         except OSError as exc:
             raise DaemonError(
                 f"cannot bind servers.{name} to {config.listen}: {exc.strerror or exc}"
             ) from exc
+        except ValueError as exc:
+            raise DaemonError(f"servers.{name}.listen: {exc}") from exc
+
+    def _inherited_for(self, name: str, config: ServerConfig) -> socket.socket | None:
+        listen = config.listen
+        if listen.kind == "systemd":
+            sock = self.inherited.pop(listen.name, None)  # type: ignore[attr-defined]
+            if sock is None:
+                known = ", ".join(sorted(self.inherited)) or "none"
+                raise DaemonError(
+                    f"servers.{name}.listen: no socket named {listen.name!r} was passed by "
+                    f"systemd (LISTEN_FDNAMES: {known})"
+                )
+            return sock
+        sock = self.inherited.get(upgrade.SERVER_PREFIX + name)
+        if sock is None or not _same_address(sock, listen):
+            return None  # the address changed since: bind afresh, the old one goes unused
+        return self.inherited.pop(upgrade.SERVER_PREFIX + name)
 
     def start_unit(self, unit: ServerUnit, server: Any) -> None:
         """Serve `unit` on the bound `server`."""
@@ -329,6 +425,8 @@ class Supervisor:
 
     def _on_listener(self, unit: ServerUnit, batch: int) -> None:
         server = unit.server
+        if server is None:
+            return  # closed by an earlier callback of the same select() round
         self._take(server, batch)
         backoff = server.accept_backoff()
         if backoff:
@@ -347,7 +445,11 @@ class Supervisor:
         server = unit.server
         self._unlisten(unit)
         sock = server.socket
-        if sock.fileno() >= 0:
+        if self._handing_off:
+            # The successor serves this very socket: close only our descriptor, leave the
+            # filter, the accept queue and the socket file alone.
+            server.disown_path()
+        elif sock.fileno() >= 0:
             if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
                 try:
                     attach_drop_all_filter(sock)
@@ -501,6 +603,65 @@ class Supervisor:
         else:
             self.begin_shutdown()
 
+    def _on_sigusr2(self) -> None:
+        try:
+            self.upgrade()
+        except DaemonError as exc:
+            log.error("upgrade_failed", reason=str(exc))
+
+    def upgrade(self) -> int:
+        """Start a successor with every listening socket; it takes over once ready. Its pid."""
+        if self.phase is not Phase.RUNNING:
+            raise DaemonError(f"cannot upgrade while {self.phase.value}")
+        if self._pending_upgrade is not None:
+            raise DaemonError(f"an upgrade is under way (new pid {self._pending_upgrade.pid})")
+        sockets: list[tuple[str, socket.socket]] = []
+        for unit in self.units.values():
+            if unit.server is not None:
+                listen = unit.config.listen
+                if listen.kind == "systemd":
+                    name = listen.name
+                else:
+                    name = upgrade.SERVER_PREFIX + unit.name
+                sockets.append((name, unit.server.socket))
+        if self.control is not None:
+            sockets.append((upgrade.CONTROL_NAME, self.control.socket))
+        if self.metrics_server is not None:
+            sockets.append((upgrade.METRICS_NAME, self.metrics_server.socket))
+        try:
+            pid, ready_fd = upgrade.spawn_successor(sockets)
+        except OSError as exc:
+            raise DaemonError(f"cannot start the new process: {exc.strerror or exc}") from exc
+        pending = upgrade.PendingUpgrade(
+            pid, ready_fd, self.unwatch, self._upgrade_ready, self._upgrade_failed
+        )
+        self._pending_upgrade = pending
+        self.watch(ready_fd, pending.readable)
+        self.own_pid(pid, lambda _pid, status: pending.exited(status))
+        self.call_later(upgrade.READY_TIMEOUT, pending.timed_out)
+        log.info("upgrade_begun", new_pid=pid)
+        return pid
+
+    def _upgrade_ready(self, pid: int) -> None:
+        log.info("upgrade_ready", new_pid=pid)
+        self.notifier.mainpid(pid)
+        # The successor is a child of ours only by accident of fork: once we exit it belongs to
+        # init (or systemd); we must not wait for it, nor reap it as a worker.
+        self._pids.pop(pid, None)
+        self._pending_upgrade = None
+        self._handing_off = True
+        if self.control is not None:
+            self.control.disown_path()
+        if self.metrics_server is not None:
+            self.unwatch(self.metrics_server.fileno())
+            self.metrics_server.server_close()
+            self.metrics_server = None
+        self.begin_shutdown()
+
+    def _upgrade_failed(self, reason: str) -> None:
+        log.error("upgrade_failed", reason=reason)
+        self._pending_upgrade = None
+
     def _on_sighup(self) -> None:
         from .commands import reload_from_file
 
@@ -539,7 +700,14 @@ class Supervisor:
             if d is not None
         )
         log.info("shutdown_begun", timeout=timeout, in_flight=in_flight)
+        if not self._handing_off:
+            self.notifier.stopping(f"stopping: {in_flight} requests in flight")
         self._completed_at_stop = self._completed()
+        if self._handing_off and self.control is not None:
+            # The successor answers on the control socket from now on.
+            self.unwatch(self.control.fileno())
+            self.control.server_close()
+            self.control = None
         for unit in self.units.values():
             if unit.state in (State.RUNNING, State.PAUSED, State.DRAINING):
                 unit.state = State.DRAINING
@@ -576,3 +744,16 @@ class Supervisor:
         if self._forced:
             self.exit_status = ExitStatus.RUNTIME
         self.phase = Phase.STOPPED
+
+
+def _same_address(sock: socket.socket, listen: Any) -> bool:
+    """Whether `sock` is bound where `listen` says (port 0 matches any port)."""
+    try:
+        bound = sock.getsockname()
+    except OSError:
+        return False
+    if listen.kind == "unix":
+        return isinstance(bound, (str, bytes)) and bound == listen.sockaddr()
+    if not isinstance(bound, tuple) or sock.family != listen.family:
+        return False
+    return bound[0] == listen.host and listen.port in (0, bound[1])

@@ -140,6 +140,26 @@ class TCPServer(BaseServer):
             return
         self._bound_path = (path, st.st_dev, st.st_ino)
 
+    def adopt_socket(self, sock: socket.socket, owns_path: bool = True) -> None:
+        """Serve `sock`, bound (and listening, for a stream) by someone else.
+
+        For systemd socket activation, or a process taking over from its predecessor: construct
+        with bind_and_activate=False, then adopt. With owns_path, server_close() removes the
+        Unix socket file as if this server had bound it.
+        """
+        self.socket.close()
+        sock.setblocking(False)
+        self.socket = sock
+        if self.address_family != sock.family:
+            self.address_family = sock.family
+        self.server_address = sock.getsockname()
+        if owns_path:
+            self._remember_path()
+
+    def disown_path(self) -> None:
+        """Leave the Unix socket file in place on server_close(): another process serves it."""
+        self._bound_path = None
+
     def server_activate(self) -> None:
         """Called by constructor to activate the server.
 

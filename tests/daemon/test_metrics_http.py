@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import daemon_section, echo_roundtrip, free_port
+from tests.conftest import daemon_section, echo_roundtrip, free_port, wait_for
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -32,15 +32,22 @@ def test_metrics_and_healthz_over_http(start_daemon, tmp_path: Path) -> None:
     for _ in range(3):
         assert echo_roundtrip(echo_port) == b"hello\n"
 
-    status, headers, body = get(metrics_port, "/metrics")
-    assert status == 200
-    assert headers["Content-Type"].startswith("text/plain")
-    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    def scrape() -> dict:
+        status, headers, body = get(metrics_port, "/metrics")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain")
+        return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+    def durations_counted() -> dict | None:
+        # A request is accounted just after its connection closes: wait for the third.
+        families = scrape()
+        histogram = families["selectd_request_duration_seconds"]
+        count = [s for s in histogram.samples if s.name.endswith("_count")]
+        return families if count[0].value == 3.0 else None
+
+    families = wait_for(durations_counted, 5)
     requests = families["selectd_requests"].samples
     assert [(s.labels, s.value) for s in requests] == [({"server": "echo"}, 3.0)]
-    histogram = families["selectd_request_duration_seconds"]
-    count = [s for s in histogram.samples if s.name.endswith("_count")]
-    assert count[0].value == 3.0
     assert {"selectd_active_requests", "selectd_queued_requests"} <= set(families)
 
     assert get(metrics_port, "/healthz")[:1] == (200,)

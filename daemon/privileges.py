@@ -1,0 +1,76 @@
+"""Dropping root: bind everything first, then become [daemon] user and group for good.
+
+The order is setgroups, setgid, setuid: once the uid is gone the groups can no longer be changed.
+The drop is verified by trying to get root back, which must fail; a daemon that could regain root
+after claiming to have dropped it is a security bug, so that is a fatal error.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+from .errors import DaemonError
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    uid: int
+    gid: int
+    home: str
+
+
+def resolve(user: str | None, group: str | None) -> Identity | None:
+    """The identity to drop to, or None; DaemonError naming the key when it does not exist."""
+    if user is None and group is None:
+        return None
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise DaemonError(f"daemon.user: no such user {user!r}") from None
+        uid, gid, home, name = entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_name
+    else:
+        uid, gid, home, name = os.getuid(), os.getgid(), "/", str(os.getuid())
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise DaemonError(f"daemon.group: no such group {group!r}") from None
+    return Identity(name, uid, gid, home)
+
+
+def drop(identity: Identity) -> None:
+    """Become `identity` for good; DaemonError if not root or if the drop did not take."""
+    if os.getuid() == identity.uid and os.getgid() == identity.gid:
+        return
+    if os.geteuid() != 0:
+        raise DaemonError(
+            f"daemon.user/group: switching to {identity.user} needs root; running as uid "
+            f"{os.geteuid()}"
+        )
+    try:
+        os.setgroups([identity.gid])
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+    except OSError as exc:
+        raise DaemonError(f"cannot switch to user {identity.user}: {exc.strerror}") from exc
+    if identity.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise DaemonError("dropped privileges could be regained: refusing to run")
+    if (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) != (
+        identity.uid,
+        identity.uid,
+        identity.gid,
+        identity.gid,
+    ):
+        raise DaemonError(f"switching to user {identity.user} did not take")
+    os.environ["HOME"] = identity.home
+    os.environ["USER"] = os.environ["LOGNAME"] = identity.user
