@@ -59,10 +59,15 @@ def write(path: str) -> None:
         raise DaemonError(f"cannot write pidfile {path}: {exc.strerror or exc}") from exc
 
 
-def remove(path: str) -> None:
-    """Remove the pidfile if it still names us (after an upgrade it names the successor)."""
-    if read_pid(path) == os.getpid():
-        try:
+def remove(path: str) -> str | None:
+    """Remove the pidfile if it still names us (after an upgrade it names the successor).
+
+    Never raises: at exit, a pidfile that cannot be removed (after a privilege drop, say) is a
+    thing to report, not a reason to fail. Returns what went wrong, if anything.
+    """
+    try:
+        if read_pid(path) == os.getpid():
             os.unlink(path)
-        except OSError:
-            pass
+    except (OSError, DaemonError) as exc:
+        return str(exc)
+    return None

@@ -282,7 +282,9 @@ class Supervisor:
             self._signals.close()
             self._signals = None
         if self._wrote_pidfile and self.config.daemon.pidfile:
-            pidfile.remove(self.config.daemon.pidfile)
+            problem = pidfile.remove(self.config.daemon.pidfile)
+            if problem:
+                log.warning("pidfile_not_removed", path=self.config.daemon.pidfile, error=problem)
             self._wrote_pidfile = False
         for sock in self.inherited.values():
             sock.close()

@@ -49,6 +49,11 @@ class Daemon:
         self.dir = tmp_path
         self.config_path = tmp_path / "selectd.toml"
         self.config_path.write_text(config)
+        try:
+            daemon_table = tomllib.loads(config).get("daemon", {})
+        except tomllib.TOMLDecodeError:
+            daemon_table = {}
+        self.control_socket = str(daemon_table.get("control_socket", ""))
         self.log_path = tmp_path / "selectd.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         pythonpath = [p for p in (path, str(REPO), os.environ.get("PYTHONPATH", "")) if p]
@@ -94,10 +99,6 @@ class Daemon:
 
         return wait_for(seen, timeout)
 
-    @property
-    def control_socket(self) -> str:
-        daemon = tomllib.loads(self.config_path.read_text()).get("daemon", {})
-        return str(daemon.get("control_socket", ""))
 
     def control(self, command: str, **args: Any) -> dict[str, Any]:
         """One request on the control socket; the reply object."""
