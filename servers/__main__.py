@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -35,6 +36,13 @@ def parse_address(text: str) -> Any:
     return (host, int(port))
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _record_only(signum: int, frame: object) -> None:
+    """Installed so that the signal reaches the wakeup fd instead of its default action."""
+
+
 class _ThreadingServer(ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -59,19 +67,36 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cannot serve {args.service} on {args.address}: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
+    # Signal handlers only let the wakeup fd record the signal; the serving loop reads the signal
+    # numbers and acts. A Python-level handler alone runs only when the main thread next executes
+    # bytecode: serve_forever() blocks in select() with no timeout, so a signal that lands just
+    # before it enters select() would never be acted on. The wakeup fd makes select() return.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
 
-    def on_signal(signum: int, frame: object) -> None:
-        # shutdown() waits for the loop, so it must not run on the loop's own thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-        stop.set()
+    def on_wakeup() -> None:
+        try:
+            signums = wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        if STOP_SIGNALS & set(signums):
+            # shutdown() waits for the loop, so it must not run on the loop's own thread.
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    server._watch_fd(wake_r.fileno(), on_wakeup)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _record_only)
     with server:
         kind = "udp" if args.udp else "stream"
         logging.info("serving %s (%s) on %s", args.service, kind, server.server_address)
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        finally:
+            signal.set_wakeup_fd(-1)
+            wake_r.close()
+            wake_w.close()
     logging.info("stopped")
     return 0
 
