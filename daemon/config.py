@@ -28,8 +28,19 @@ from typing import Any, Final
 
 import tomli_w
 
-from .config_handler import HANDLER_FORMS, resolve_handler
+from .config_handler import (
+    COMMAND_FORM,
+    HANDLER_FORMS,
+    account_name,
+    byte_size,
+    command,
+    env_names,
+    environment,
+    format_bytes,
+    resolve_handler,
+)
 from .config_schema import (
+    COUNT_MAX,
     LISTEN_FORMS,
     UNKNOWN,
     Address,
@@ -40,6 +51,8 @@ from .config_schema import (
     boolean,
     check_table,
     choice,
+    connection_rate,
+    format_time_ranges,
     free_table,
     integer,
     key_path,
@@ -49,6 +62,8 @@ from .config_schema import (
     parse_listen,
     plain,
     show,
+    text,
+    time_ranges,
 )
 
 __all__ = [
@@ -99,13 +114,18 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """One [servers.NAME] table. Keys that have no effect for this server hold their defaults."""
+    """One [servers.NAME] table. Keys that have no effect for this server hold their defaults.
+
+    A server runs either a handler class (`handler`) or a program per request (`command`,
+    inetd's model: its concurrency is then "exec"). The keys after `options` have defaults here
+    too, so that code building a ServerConfig by hand need not know every key.
+    """
 
     name: str
     listen: Address
     socket_type: str  # "stream" | "dgram"
-    handler: str  # as written: a built-in service name or "package.module:Class"
-    concurrency: str  # "inline" | "thread" | "fork"
+    handler: str | None  # as written: a built-in service name or "package.module:Class"
+    concurrency: str  # "inline" | "thread" | "fork", or "exec" for a command server
     workers: int
     max_queue: int
     request_queue_size: int
@@ -116,9 +136,35 @@ class ServerConfig:
     deny: tuple[Network, ...]
     enabled: bool
     options: Mapping[str, Any]  # read-only; free-form, for the handler (self.server.options)
+    # A command server: the program and its arguments, and what it runs with.
+    command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # read-only
+    passenv: tuple[str, ...] = ()  # names of the daemon's variables the program also gets
+    cwd: str | None = None
+    user: str | None = None
+    group: str | None = None
+    rlimit_cpu: int | None = None  # seconds
+    rlimit_nofile: int | None = None
+    rlimit_as: int | None = None  # bytes
+    # Limits on requests, for every server (xinetd's).
+    instances: int | None = None  # concurrent requests; None: unlimited
+    per_source: int | None = None  # concurrent connections from one client address
+    cps: tuple[int, int] | None = None  # (count, seconds): over count/s pauses it for seconds
+    banner_fail: str | None = None  # sent to a refused or denied client before the close
+    access_times: tuple[tuple[int, int], ...] = ()  # (first, last minute of the day); () = always
+    # Fork pool worker health (gunicorn's); None: off.
+    worker_timeout: float | None = None  # seconds on one request before the worker is killed
+    max_requests: int | None = None  # requests before a worker is retired
+    max_requests_jitter: int = 0  # a random 0..jitter added to max_requests per worker
+    max_rss: int | None = None  # bytes of RSS past which a worker is retired
 
     def handler_class(self) -> type:
-        """Resolve the handler now (imports its module); ValueError if it cannot be."""
+        """Resolve the handler now (imports its module); ValueError if it cannot be, or if
+        this is a command server (it has no handler class)."""
+        if self.handler is None:
+            raise ValueError(
+                f"{key_path('servers', self.name)} runs a command, it has no handler class"
+            )
         return resolve_handler(self.handler, self.socket_type)
 
 
@@ -179,8 +225,40 @@ def _is_inet(values: Mapping[str, Any]) -> bool:
     return isinstance(listen, Address) and listen.kind == "inet"
 
 
-def _inline_only(values: Mapping[str, Any], _value: Any) -> str | None:
+def _runs_command(values: Mapping[str, Any]) -> bool:
+    return values["command"] is not None and values["command"] is not UNKNOWN
+
+
+def _with_command(values: Mapping[str, Any], _value: Any) -> str | None:
+    if _runs_command(values):
+        return "with command (each request runs the program in a process of its own)"
+    return None
+
+
+def _no_pool(values: Mapping[str, Any], value: Any) -> str | None:
+    if reason := _with_command(values, value):
+        return reason
     return 'with concurrency = "inline"' if values["concurrency"] == "inline" else None
+
+
+def _command_only(values: Mapping[str, Any], _value: Any) -> str | None:
+    # Not judged when neither is set: that error is reported on handler already.
+    if values["command"] is None and values["handler"] is not UNKNOWN:
+        return "without command (it applies to the program a command server runs)"
+    return None
+
+
+def _fork_only(values: Mapping[str, Any], _value: Any) -> str | None:
+    concurrency = values["concurrency"]
+    if concurrency is not UNKNOWN and concurrency != "fork":
+        return 'without concurrency = "fork" (it is about the fork pool\'s workers)'
+    return None
+
+
+def _jitter_needs_max_requests(values: Mapping[str, Any], value: Any) -> str | None:
+    if reason := _fork_only(values, value):
+        return reason
+    return "without max_requests" if values["max_requests"] is None else None
 
 
 def _not_on_unix(values: Mapping[str, Any], _value: Any) -> str | None:
@@ -206,7 +284,32 @@ def _timeout_on_dgram(values: Mapping[str, Any], _value: Any) -> str | None:
     return None
 
 
+def _banner_on_dgram(values: Mapping[str, Any], _value: Any) -> str | None:
+    if values["socket_type"] == "dgram":
+        return 'with socket_type = "dgram" (it is written to a connection before closing it)'
+    return None
+
+
+def _concurrency(value: Any) -> str:
+    # "exec" is what a command server gets; the message lists what a handler server may set.
+    return "exec" if value == "exec" else _CONCURRENCY(value)
+
+
+_CONCURRENCY: Final = choice("inline", "thread", "fork")
+
+
+def _default_concurrency(values: Mapping[str, Any]) -> str:
+    if values["command"] is not None:
+        return "exec"
+    return "inline" if values["socket_type"] == "dgram" else "thread"
+
+
 def _check_concurrency(values: Mapping[str, Any], value: Any) -> str | None:
+    if value == "exec" and values["command"] is None:
+        return (
+            'concurrency = "exec" is what a server with a command gets; '
+            'a handler runs "inline", "thread" or "fork"'
+        )
     if value == "fork" and values["socket_type"] == "dgram":
         return (
             'concurrency = "fork" needs socket_type = "stream" '
@@ -215,7 +318,15 @@ def _check_concurrency(values: Mapping[str, Any], value: Any) -> str | None:
     return None
 
 
+def _handler_required(values: Mapping[str, Any]) -> str | None:
+    if values["command"] is not None:
+        return None  # a command server (or an invalid command, reported already)
+    return f"missing (required); expected {HANDLER_FORMS}; or set command, {COMMAND_FORM}"
+
+
 def _check_handler(values: Mapping[str, Any], value: Any) -> str | None:
+    if values["command"] is not None:
+        return "set handler or command, not both (a server runs a handler class or a program)"
     if values["socket_type"] is UNKNOWN:
         return None  # which handler fits depends on it
     try:
@@ -225,26 +336,27 @@ def _check_handler(values: Mapping[str, Any], value: Any) -> str | None:
     return None
 
 
-# Order matters: a default may depend on the fields above it.
+def _dump_tuple(value: tuple[Any, ...]) -> list[Any]:
+    return list(value)
+
+
+# Order matters: a default may depend on the fields above it. It is also the order of a dump.
 SERVER_FIELDS: Final[Mapping[str, Field]] = {
     "listen": Field(parse_listen, required=f"missing (required); {LISTEN_FORMS}", dump=str),
     "socket_type": Field(choice("stream", "dgram"), default="stream"),
-    "handler": Field(
-        nonempty_string,
-        required=f"missing (required); expected {HANDLER_FORMS}",
-        check=_check_handler,
-    ),
+    # Exactly one of command and handler: the one that is missing is required unless the other
+    # is there, and _check_handler refuses both.
+    "command": Field(command, dump=_dump_tuple),
+    "handler": Field(nonempty_string, required=_handler_required, check=_check_handler),
     "concurrency": Field(
-        choice("inline", "thread", "fork"),
-        default=lambda v: "inline" if v["socket_type"] == "dgram" else "thread",
-        check=_check_concurrency,
+        _concurrency, default=_default_concurrency, inert=_with_command, check=_check_concurrency
     ),
     "workers": Field(
         integer(1, 1024),
         default=lambda v: DEFAULT_WORKERS.get(v["concurrency"], 1),
-        inert=_inline_only,
+        inert=_no_pool,
     ),
-    "max_queue": Field(integer(0, 65536), default=128, inert=_inline_only),
+    "max_queue": Field(integer(0, 65536), default=128, inert=_no_pool),
     "request_queue_size": Field(integer(1, 65535), default=128, inert=_backlog_on_dgram),
     "allow_reuse_address": Field(
         boolean,
@@ -256,7 +368,33 @@ SERVER_FIELDS: Final[Mapping[str, Field]] = {
     "allow": Field(networks, default=(), inert=_acl_on_unix, dump=lambda t: [str(n) for n in t]),
     "deny": Field(networks, default=(), inert=_acl_on_unix, dump=lambda t: [str(n) for n in t]),
     "enabled": Field(boolean, default=True),
-    "options": Field(free_table, default=lambda _: MappingProxyType({}), dump=plain),
+    # Limits on requests (xinetd's), for every server.
+    "instances": Field(integer(1, COUNT_MAX)),
+    "per_source": Field(integer(1, COUNT_MAX), inert=_acl_on_unix),
+    "cps": Field(connection_rate, dump=_dump_tuple),
+    "banner_fail": Field(text(4096), inert=_banner_on_dgram),
+    "access_times": Field(time_ranges, default=(), dump=format_time_ranges),
+    # Fork pool worker health (gunicorn's).
+    "worker_timeout": Field(number(0, 86400, above=True), inert=_fork_only),
+    "max_requests": Field(integer(1, COUNT_MAX), inert=_fork_only),
+    "max_requests_jitter": Field(
+        integer(0, COUNT_MAX), default=0, inert=_jitter_needs_max_requests
+    ),
+    "max_rss": Field(byte_size, inert=_fork_only, dump=format_bytes),
+    # What a command's program runs with.
+    "env": Field(
+        environment, default=lambda _: MappingProxyType({}), inert=_command_only, dump=plain
+    ),
+    "passenv": Field(env_names, default=(), inert=_command_only, dump=_dump_tuple),
+    "cwd": Field(absolute_path(), inert=_command_only),
+    "user": Field(account_name, inert=_command_only),
+    "group": Field(account_name, inert=_command_only),
+    "rlimit_cpu": Field(integer(1, COUNT_MAX), inert=_command_only),
+    "rlimit_nofile": Field(integer(3, COUNT_MAX), inert=_command_only),
+    "rlimit_as": Field(byte_size, inert=_command_only, dump=format_bytes),
+    "options": Field(
+        free_table, default=lambda _: MappingProxyType({}), inert=_with_command, dump=plain
+    ),
 }
 
 

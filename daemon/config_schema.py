@@ -99,7 +99,9 @@ class Field:
 
     - convert: TOML value -> dataclass value; raises Invalid.
     - default: the value when the key is absent, or a function of the fields declared before it.
-    - required: when set, the key must be present; this says what to write.
+    - required: when set, the key must be present; this says what to write. It may also be a
+      function of the fields declared before it, giving that text, or None where the key is
+      optional (then `default` applies).
     - inert: when the key has no effect here, the reason, e.g. 'with concurrency = "inline"';
       setting such a key is an error, and dump_config() leaves it out.
     - check: any other problem with the key's value given the other keys.
@@ -108,13 +110,16 @@ class Field:
 
     convert: Converter
     default: Any = None
-    required: str | None = None
+    required: str | Callable[[Mapping[str, Any]], str | None] | None = None
     inert: Hook | None = None
     check: Hook | None = None
     dump: Callable[[Any], Any] = lambda value: value
 
     def default_for(self, values: Mapping[str, Any]) -> Any:
         return self.default(values) if callable(self.default) else self.default
+
+    def required_for(self, values: Mapping[str, Any]) -> str | None:
+        return self.required(values) if callable(self.required) else self.required
 
 
 def check_table(
@@ -141,9 +146,9 @@ def check_table(
                 values[key] = UNKNOWN
                 for where, message in exc.items:
                     problems.append((position[key], f"{key_path(*path, key)}{where}: {message}"))
-        elif field.required is not None:
+        elif (required := field.required_for(values)) is not None:
             values[key] = UNKNOWN
-            problems.append((len(table), f"{key_path(*path, key)}: {field.required}"))
+            problems.append((len(table), f"{key_path(*path, key)}: {required}"))
         else:
             values[key] = field.default_for(values)
     for key, field in fields.items():
@@ -263,6 +268,78 @@ def networks(value: Any) -> tuple[Network, ...]:
     if problems:
         raise Invalid.many(problems)
     return tuple(out)
+
+
+# A count of things (requests, connections): large enough for anything, small enough for a C int.
+COUNT_MAX: Final = 2**31 - 1
+
+
+def connection_rate(value: Any) -> tuple[int, int]:
+    """[COUNT, SECONDS] (xinetd's cps): more than COUNT new connections in one second pause
+    the server for SECONDS. Held as a tuple, written back as a list."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise Invalid(
+            f"must be a list of two integers [COUNT, SECONDS] like [50, 10], got {show(value)}"
+        )
+    problems: list[tuple[str, str]] = []
+    out: list[int] = []
+    for i, (item, check) in enumerate(
+        zip(value, (integer(1, COUNT_MAX), integer(1, 86400)), strict=True)
+    ):
+        try:
+            out.append(check(item))
+        except Invalid as exc:
+            problems.append((f"[{i}]", str(exc)))
+    if problems:
+        raise Invalid.many(problems)
+    return (out[0], out[1])
+
+
+def text(max_bytes: int) -> Converter:
+    """A string of at most `max_bytes` bytes in UTF-8."""
+
+    def convert(value: Any) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string, got {show(value)}")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise Invalid(f"is {size} bytes in UTF-8, more than {max_bytes}")
+        return value
+
+    return convert
+
+
+TIME_RANGE = re.compile(r"([0-9]{1,2}):([0-9]{2})-([0-9]{1,2}):([0-9]{2})")
+TIME_RANGE_FORM: Final = '"HH:MM-HH:MM" (00:00 to 23:59), like "08:00-18:00" or "22:00-06:00"'
+
+
+def time_ranges(value: Any) -> tuple[tuple[int, int], ...]:
+    """A list of "HH:MM-HH:MM" local times -> ((start_minute, end_minute), ...).
+
+    Both ends are included; a range whose end is before its start wraps midnight.
+    """
+    if not isinstance(value, list):
+        raise Invalid(f"must be a list of {TIME_RANGE_FORM}, got {show(value)}")
+    out: list[tuple[int, int]] = []
+    problems: list[tuple[str, str]] = []
+    for i, item in enumerate(value):
+        match = TIME_RANGE.fullmatch(item) if isinstance(item, str) else None
+        if match is None:
+            problems.append((f"[{i}]", f"must be {TIME_RANGE_FORM}, got {show(item)}"))
+            continue
+        h1, m1, h2, m2 = (int(part) for part in match.groups())
+        if max(h1, h2) > 23 or max(m1, m2) > 59:
+            problems.append((f"[{i}]", f"{show(item)}: a time must be from 00:00 to 23:59"))
+            continue
+        out.append((h1 * 60 + m1, h2 * 60 + m2))
+    if problems:
+        raise Invalid.many(problems)
+    return tuple(out)
+
+
+def format_time_ranges(ranges: tuple[tuple[int, int], ...]) -> list[str]:
+    """The inverse of time_ranges(): ((480, 1080),) -> ["08:00-18:00"]."""
+    return [f"{a // 60:02d}:{a % 60:02d}-{b // 60:02d}:{b % 60:02d}" for a, b in ranges]
 
 
 def free_table(value: Any) -> Mapping[str, Any]:

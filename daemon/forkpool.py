@@ -58,6 +58,7 @@ class Worker:
     __slots__ = (
         "busy",
         "channel",
+        "client",
         "handed_at",
         "last_seen",
         "pid",
@@ -70,6 +71,7 @@ class Worker:
         self.pid = pid
         self.channel: socket.socket | None = channel
         self.busy = False
+        self.client: Any = None  # the address of the request it is running
         self.served = 0
         self.started = time.monotonic()
         self.handed_at = 0.0  # when the request it is running was handed over
@@ -192,6 +194,7 @@ class ForkPool:
             return False
         request.close()  # the worker has its own copy now; shutdown() would cut it off
         worker.busy = True
+        worker.client = client_address
         worker.handed_at = time.perf_counter()
         if self.worker_timeout:
             worker.last_seen = time.monotonic()  # from now on: busy since
@@ -218,6 +221,7 @@ class ForkPool:
         self.server.counters.finished(
             time.perf_counter() - worker.handed_at, data[:1] == DONE_FAILED
         )
+        self.server.request_finished(worker.client)
         if len(data) > 1:
             # It finished its request and is retiring (max_requests, max_rss): its successor
             # starts now, while it exits.
@@ -248,6 +252,7 @@ class ForkPool:
         if worker.busy:
             worker.busy = False
             self.server.counters.finished(time.perf_counter() - worker.handed_at, True)
+            self.server.request_finished(worker.client)
         if self.idle():
             self.host.pool_idle()
 
@@ -301,9 +306,10 @@ class ForkPool:
     def _drop_pending(self) -> int:
         dropped = 0
         while self._pending:
-            request, _address = self._pending.popleft()
+            request, client_address = self._pending.popleft()
             self.server.shutdown_request(request)  # type: ignore[attr-defined]
             self.server.counters.finished(0.0, True)
+            self.server.request_finished(client_address)
             dropped += 1
         return dropped
 
@@ -332,6 +338,9 @@ class ForkPool:
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
+
+    def drain(self) -> None:
+        pass  # queued connections still go to workers: a graceful stop finishes them
 
     # -- stopping ----------------------------------------------------------------------------
 

@@ -23,15 +23,18 @@ import errno
 import ipaddress
 import os
 import socket
+import stat
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import servers
 from servers.ratelimit import RateLimiter
 
 from .config import ServerConfig
+from .limits import RequestLimits
 from .log import format_address, get_logger
 
 log = get_logger()
@@ -54,6 +57,7 @@ class Dispatcher(Protocol):
     def active(self) -> int: ...
     def queued(self) -> int: ...
     def idle(self) -> bool: ...
+    def drain(self) -> None: ...
     def force(self) -> int: ...
     def close(self) -> None: ...
     def closed(self) -> bool: ...
@@ -77,6 +81,7 @@ class Counters:
         "duration_sum",
         "errors",
         "lock",
+        "refused",
         "rejected",
         "requests",
     )
@@ -87,6 +92,7 @@ class Counters:
         self.errors = 0  # handler raised, or a fork worker died mid-request
         self.denied = 0  # refused by allow/deny
         self.rejected = 0  # no room in the pool's queue
+        self.refused: dict[str, int] = {}  # by limit: instances, per_source, cps, access_times
         self.duration_sum = 0.0
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
         self.lock = threading.Lock()
@@ -95,6 +101,10 @@ class Counters:
         with self.lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
+
+    def refuse(self, reason: str, count: int = 1) -> None:
+        with self.lock:
+            self.refused[reason] = self.refused.get(reason, 0) + count
 
     def finished(self, seconds: float, failed: bool) -> None:
         """Account one request that ran for `seconds` and ended well or not."""
@@ -232,15 +242,21 @@ class ManagedMixIn:
         self.options = config.options
         self.counters = counters if counters is not None else Counters()
         self.acl = Acl(config.allow, config.deny)
+        # The supervisor replaces this with what disabling the listener takes.
+        self.on_cps_exceeded: Callable[[], None] = lambda: None
+        self.limits = RequestLimits(config, lambda: self.on_cps_exceeded())
+        self._banner = config.banner_fail.encode() if config.banner_fail else b""
         self._deny_log = RateLimiter()
         self._reject_log = RateLimiter()
+        self._refuse_log = RateLimiter()
         self._io_timeout = config.timeout if self.socket_type == socket.SOCK_STREAM else 0
         # Unix stream sockets do not inherit the listener's timeouts, TCP sockets do.
         self._per_connection_timeout = bool(self._io_timeout) and (
             self.address_family == socket.AF_UNIX
         )
+        handler = config.handler_class() if config.command is None else servers.BaseRequestHandler
         super().__init__(  # type: ignore[call-arg]
-            config.listen.sockaddr(), config.handler_class(), bind_and_activate
+            config.listen.sockaddr(), handler, bind_and_activate
         )
 
     def server_activate(self) -> None:
@@ -260,6 +276,14 @@ class ManagedMixIn:
         self.adopt_socket(previous.socket)  # type: ignore[attr-defined]
         previous.disown_path()  # type: ignore[attr-defined]
         self._set_listener_timeout()
+        if self.socket_type == socket.SOCK_STREAM:
+            # A new backlog applies to a listening socket by listening again.
+            self.socket.listen(self.request_queue_size)
+        for option, on in (
+            (socket.SO_REUSEADDR, self.allow_reuse_address),
+            (socket.SO_REUSEPORT, self.allow_reuse_port),
+        ):
+            self.socket.setsockopt(socket.SOL_SOCKET, option, int(on))
 
     def adopt_inherited(self, sock: socket.socket) -> None:
         """Serve a socket passed by systemd or by the daemon this one took over from."""
@@ -283,25 +307,58 @@ class ManagedMixIn:
         return cls(self.address_family, self.socket_type, 0, fileno=fd)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        if self.acl.admits(client_address):
+        if not self.acl.admits(client_address):
+            self.counters.add(denied=1)
+            suppressed = self._deny_log.allow()
+            if suppressed is not None:
+                log.warning(
+                    "request_denied",
+                    server=self.name,
+                    client=format_address(client_address),
+                    suppressed=suppressed,
+                )
+            self._send_banner(request)
+            return False
+        if not self.limits.active:
             return True
-        self.counters.add(denied=1)
-        suppressed = self._deny_log.allow()
+        reason = self.limits.refusal(client_address, self._in_use)
+        if reason is None:
+            return True
+        self.counters.refuse(reason)
+        suppressed = self._refuse_log.allow()
         if suppressed is not None:
             log.warning(
-                "request_denied",
+                "request_refused",
                 server=self.name,
                 client=format_address(client_address),
+                reason=reason,
                 suppressed=suppressed,
             )
+        self._send_banner(request)
         return False
+
+    def _in_use(self) -> int:
+        return self.dispatcher.active() + self.dispatcher.queued()
+
+    def _send_banner(self, request: Any) -> None:
+        if self._banner and isinstance(request, socket.socket):
+            try:
+                request.send(self._banner, socket.MSG_DONTWAIT)
+            except OSError:
+                pass  # a refused client that cannot take the banner still gets the close
+
+    def request_finished(self, client_address: Any) -> None:
+        """A dispatcher's word that a request it took is over (per_source bookkeeping)."""
+        self.limits.finished(client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self._per_connection_timeout:
             set_io_timeout(request, self._io_timeout)
+        self.limits.started(client_address)
         if self.dispatcher.submit(request, client_address):
             self.counters.add(requests=1)
             return
+        self.limits.finished(client_address)
         self.counters.add(rejected=1)
         suppressed = self._reject_log.allow()
         if suppressed is not None:
@@ -356,34 +413,29 @@ class ManagedMixIn:
 
 
 def _remove_stale_unix_socket(path: Any) -> None:
-    """Remove a socket file left by a dead process; a live one is left for bind() to refuse."""
+    """Remove a socket file left by a dead process. A live socket is left for bind() to refuse,
+    and anything that is not a socket is never touched."""
     if not isinstance(path, str) or not path or path.startswith("\0"):
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
-    except ConnectionRefusedError:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return  # bind() fails with EADDRINUSE, naming the path
+    except FileNotFoundError:
+        return
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        probe = socket.socket(socket.AF_UNIX, kind)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    except OSError as exc:
-        if exc.errno not in (errno.ENOENT, errno.EPROTOTYPE, errno.ENOTSOCK):
-            raise
-        if exc.errno == errno.EPROTOTYPE:  # a datagram socket: probe it as one
-            _remove_stale_dgram_socket(path)
-    finally:
-        probe.close()
-
-
-def _remove_stale_dgram_socket(path: str) -> None:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-    finally:
-        probe.close()
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens there any more
+            return
+        except OSError as exc:
+            if exc.errno != errno.EPROTOTYPE:  # EPROTOTYPE: the other kind; try it
+                return
+        else:
+            return  # alive
+        finally:
+            probe.close()
 
 
 class ManagedStreamServer(ManagedMixIn, servers.TCPServer):

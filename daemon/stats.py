@@ -76,6 +76,7 @@ def server_status(unit: ServerUnit, sampler: ProcessSampler) -> dict[str, Any]:
         "errors": counters.errors,
         "denied": counters.denied,
         "rejected": counters.rejected,
+        "refused": dict(counters.refused),
         "active": dispatcher.active() if dispatcher else 0,
         "queued": dispatcher.queued() if dispatcher else 0,
     }
@@ -146,6 +147,11 @@ class _Collector:
                 "selectd_rejected", "Requests refused: the queue was full.", labels=["server"]
             ),
         }
+        refused = CounterMetricFamily(
+            "selectd_refused",
+            "Requests refused by a limit (instances, per_source, cps, access_times).",
+            labels=["server", "reason"],
+        )
         active = GaugeMetricFamily(
             "selectd_active_requests", "Requests running now.", labels=["server"]
         )
@@ -164,6 +170,10 @@ class _Collector:
             c = unit.counters
             for key, family in counters.items():
                 family.add_metric([name], getattr(c, key))
+            with c.lock:
+                refusals = sorted(c.refused.items())
+            for reason, count in refusals:
+                refused.add_metric([name, reason], count)
             dispatcher = unit.dispatcher
             active.add_metric([name], dispatcher.active() if dispatcher else 0)
             queued.add_metric([name], dispatcher.queued() if dispatcher else 0)
@@ -177,6 +187,7 @@ class _Collector:
                 cumulative.append((_le(bound), running))
             durations.add_metric([name], cumulative, total)
         yield from counters.values()
+        yield refused
         yield active
         yield queued
         yield up

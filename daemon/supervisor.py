@@ -33,6 +33,7 @@ from . import pidfile, privileges, systemd, upgrade
 from .config import Config, ServerConfig
 from .control import ControlServer
 from .errors import DaemonError, ExitStatus
+from .execpool import ExecDispatcher
 from .forkpool import ForkPool
 from .listeners import (
     Counters,
@@ -55,7 +56,7 @@ log = get_logger()
 # How many requests one readiness event may take from a listener before the loop looks at the
 # other servers again: enough to amortise select() under load, small enough that a flood on one
 # server cannot starve the others. Inline requests run in the loop, so they get a smaller share.
-BATCH = {"inline": 4, "thread": 32, "fork": 32}
+BATCH = {"inline": 4, "thread": 32, "fork": 32, "exec": 8}
 CONTROL_BATCH = 8
 
 # After force, how long to wait for handlers and workers to go before exiting anyway.
@@ -85,13 +86,20 @@ class ServerUnit:
         self.state = State.STOPPED
         self.registered = False
         self.removed = False
+        self.stopped_by_operator = False
         self.address = str(config.listen)
         self.backoff_timer: Timer | None = None
+        self.cps_timer: Timer | None = None
         # Counters outlive the listener: a stop and start, or a reload, keeps the figures.
         self.counters = Counters()
 
     def busy(self) -> bool:
         return self.state is State.DRAINING or bool(self.retiring)
+
+    @property
+    def wait_mode(self) -> bool:
+        """A datagram exec service: the program reads the socket itself (inetd's `wait`)."""
+        return self.config.concurrency == "exec" and self.config.socket_type == "dgram"
 
 
 class Supervisor:
@@ -163,13 +171,15 @@ class Supervisor:
         identity = privileges.resolve(daemon.user, daemon.group)
         if daemon.pidfile:
             pidfile.check(daemon.pidfile, upgrade.predecessor())
+        # The control socket first: if another selectd already runs this config, that is the
+        # error to report, not the ports it holds.
+        self._start_control()
         bound: dict[str, Any] = {}
         for config in self.config.servers.values():
             self.units[config.name] = ServerUnit(config)
             if config.enabled:
                 bound[config.name] = self.bind(config.name, config)
                 self.units[config.name].server = bound[config.name]
-        self._start_control()
         if daemon.pidfile:
             pidfile.write(daemon.pidfile)
             self._wrote_pidfile = True
@@ -382,6 +392,7 @@ class Supervisor:
         config = unit.config
         server.counters = unit.counters
         unit.server = server
+        server.on_cps_exceeded = lambda: self._disable_for_cps(unit, server)
         unit.address = format_address(server.server_address)
         unit.dispatcher = server.dispatcher = self._dispatcher(config, server)
         if isinstance(unit.dispatcher, ForkPool):
@@ -398,6 +409,8 @@ class Supervisor:
         )
 
     def _dispatcher(self, config: ServerConfig, server: ManagedMixIn) -> Dispatcher:
+        if config.concurrency == "exec":
+            return ExecDispatcher(server, self)
         if config.concurrency == "thread":
             return ThreadPool(server, config.workers, config.max_queue, self._wakeup.wake)
         if config.concurrency == "fork":
@@ -417,6 +430,9 @@ class Supervisor:
         if unit.backoff_timer is not None:
             unit.backoff_timer.cancel()
             unit.backoff_timer = None
+        if unit.cps_timer is not None and unit.state is not State.RUNNING:
+            unit.cps_timer.cancel()
+            unit.cps_timer = None
 
     @staticmethod
     def _take(server: Any, batch: int) -> None:
@@ -429,13 +445,54 @@ class Supervisor:
         server = unit.server
         if server is None:
             return  # closed by an earlier callback of the same select() round
-        self._take(server, batch)
+        if unit.wait_mode:
+            self._serve_waiting(unit, server)
+            return
+        handle_ready = server.handle_ready
+        for _ in range(batch):
+            # A limit (cps) may take the listener out of the selector half way through.
+            if not unit.registered or not handle_ready():
+                break
         backoff = server.accept_backoff()
         if backoff:
             # Out of descriptors (or similar): leave the listener out of the selector for a
             # while instead of waking up for the same failing accept() over and over.
             self._unlisten(unit)
             unit.backoff_timer = self.call_later(backoff, lambda: self._end_backoff(unit, server))
+
+    def _serve_waiting(self, unit: ServerUnit, server: Any) -> None:
+        """inetd's `wait` for datagram exec services: the program gets the socket itself, and
+        the listener stays out of the selector until it exits."""
+        self._unlisten(unit)
+        server.counters.add(requests=1)
+
+        def done() -> None:
+            if unit.server is server and unit.state is State.RUNNING:
+                self._listen(unit)
+
+        unit.dispatcher.serve_socket(server.socket, done)  # type: ignore[union-attr]
+
+    def _disable_for_cps(self, unit: ServerUnit, server: Any) -> None:
+        """More than cps[0] connections in a second: refuse everything for cps[1] seconds."""
+        if unit.server is not server or unit.cps_timer is not None:
+            return
+        limit, seconds = unit.config.cps  # type: ignore[misc]
+        self._unlisten(unit)
+        unit.cps_timer = self.call_later(seconds, lambda: self._enable_after_cps(unit, server))
+        log.warning(
+            "service_disabled", server=unit.name, reason="cps", limit=limit, seconds=seconds
+        )
+
+    def _enable_after_cps(self, unit: ServerUnit, server: Any) -> None:
+        unit.cps_timer = None
+        if unit.server is not server:
+            return
+        refused = _refuse_backlog(server)
+        if refused:
+            server.counters.refuse("cps", refused)
+        if unit.state is State.RUNNING:
+            self._listen(unit)
+        log.warning("service_enabled", server=unit.name, refused_backlog=refused)
 
     def _end_backoff(self, unit: ServerUnit, server: Any) -> None:
         unit.backoff_timer = None
@@ -458,7 +515,7 @@ class Supervisor:
                 except OSError as exc:  # pragma: no cover - no BPF: a narrower race remains
                     log.warning("drop_filter_failed", server=unit.name, error=str(exc))
             taken = 0
-            while taken < BACKLOG_DRAIN_MAX and server.handle_ready():
+            while not unit.wait_mode and taken < BACKLOG_DRAIN_MAX and server.handle_ready():
                 taken += 1
         server.server_close()
         unit.server = None
@@ -468,6 +525,7 @@ class Supervisor:
         if unit.server is not None:
             self._close_listener(unit)
         if unit.dispatcher is not None:
+            unit.dispatcher.drain()
             unit.retiring.append(unit.dispatcher)
             unit.dispatcher = None
 
@@ -513,12 +571,14 @@ class Supervisor:
         if unit.state is State.DRAINING:
             raise DaemonError(f"server {name!r} is still draining; start it once it has stopped")
         self.start_unit(unit, self.bind(name, unit.config))
+        unit.stopped_by_operator = False
 
     def stop_server(self, name: str) -> None:
         unit = self.unit(name)
         if unit.state not in (State.RUNNING, State.PAUSED):
             raise DaemonError(f"server {name!r} is not running (it is {unit.state.value})")
         unit.state = State.DRAINING
+        unit.stopped_by_operator = True  # a reload that changes its config leaves it stopped
         self._retire(unit)
         log.info("server_draining", server=name)
         self._progress()
@@ -544,42 +604,56 @@ class Supervisor:
     def remove_unit(self, name: str) -> None:
         unit = self.units[name]
         unit.removed = True
-        if unit.state in (State.RUNNING, State.PAUSED, State.DRAINING):
+        if unit.server is not None or unit.dispatcher is not None or unit.retiring:
             unit.state = State.DRAINING
             self._retire(unit)
+            self._progress()
         else:
             del self.units[name]
         log.info("server_removed", server=name)
 
+    def take_listener(self, donor: ServerUnit, config: ServerConfig) -> Any:
+        """A server for `config` on `donor`'s listening socket, which the donor gives up."""
+        self._unlisten(donor)
+        previous = donor.server
+        donor.server = None
+        return build_server(config, None, adopt=previous)
+
     def add_unit(self, config: ServerConfig, server: Any) -> None:
+        predecessor = self.units.get(config.name)
         unit = self.units[config.name] = ServerUnit(config)
+        if predecessor is not None:
+            # Removed and added back while it drains: the new unit inherits what is still
+            # finishing (so it is closed and reaped) and the figures.
+            unit.retiring = predecessor.retiring
+            if predecessor.dispatcher is not None:
+                unit.retiring.append(predecessor.dispatcher)
+            unit.counters = predecessor.counters
         if server is not None:
             self.start_unit(unit, server)
+        log.info("server_added", server=config.name)
 
     def change_unit(self, name: str, config: ServerConfig, server: Any) -> None:
         """Give `name` its new settings; `server` is its new listener if it needed one."""
         unit = self.units[name]
         was_paused = unit.state is State.PAUSED
-        old_server = unit.server
         unit.config = config
-        if not config.enabled:
+        if not config.enabled or unit.stopped_by_operator:
             if unit.state in (State.RUNNING, State.PAUSED):
                 unit.state = State.DRAINING
                 self._retire(unit)
+            log.info("server_changed", server=name, running=False)
             return
-        if server is None and old_server is not None:
+        if server is None and unit.server is not None:
             # Same address: a new server object adopts the listening socket, which stays open
-            # (and in the selector) throughout, so no connect is refused.
-            server = build_server(config, unit.counters, adopt=old_server)
-            if unit.dispatcher is not None:
-                unit.retiring.append(unit.dispatcher)
-                unit.dispatcher = None
+            # (and keeps its accept queue) throughout, so no connect is refused.
+            server = build_server(config, unit.counters, adopt=unit.server)
             self._unlisten(unit)
             unit.server = None
-        elif old_server is not None:
-            self._retire(unit)
-        if unit.state is State.DRAINING and unit.dispatcher is None and not unit.retiring:
-            unit.state = State.STOPPED
+        self._retire(unit)  # the old pool finishes its requests; the old listener, if any, closes
+        if server is None:
+            log.warning("server_changed", server=name, running=False)
+            return
         self.start_unit(unit, server)
         if was_paused:
             self.pause_server(name)
@@ -759,3 +833,20 @@ def _same_address(sock: socket.socket, listen: Any) -> bool:
     if not isinstance(bound, tuple) or sock.family != listen.family:
         return False
     return bound[0] == listen.host and listen.port in (0, bound[1])
+
+
+def _refuse_backlog(server: Any) -> int:
+    """Take and drop what waits on the listener: accepted and closed, or datagrams read."""
+    sock = server.socket
+    refused = 0
+    while refused < BACKLOG_DRAIN_MAX:
+        try:
+            if sock.type == socket.SOCK_STREAM:
+                conn, _address = sock.accept()
+                conn.close()
+            else:
+                sock.recv(65536)
+        except OSError:
+            break
+        refused += 1
+    return refused

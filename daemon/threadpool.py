@@ -37,6 +37,7 @@ class InlineDispatcher:
         finally:
             self._running -= 1
             self.server.counters.finished(time.perf_counter() - started, not ok)
+            self.server.request_finished(client_address)
         return True
 
     def active(self) -> int:
@@ -47,6 +48,9 @@ class InlineDispatcher:
 
     def idle(self) -> bool:
         return self._running == 0
+
+    def drain(self) -> None:
+        pass
 
     def force(self) -> int:
         return 0
@@ -115,6 +119,7 @@ class ThreadPool:
         get = self._queue.get
         lock = self._lock
         counters = self.server.counters
+        request_finished = self.server.request_finished
         perf_counter = time.perf_counter
         while True:
             with lock:
@@ -137,6 +142,7 @@ class ThreadPool:
                     self._outstanding -= 1
                     now_idle = self._outstanding == 0
                 counters.finished(perf_counter() - started, not ok)
+                request_finished(client_address)
                 if now_idle:
                     self._on_idle()
 
@@ -150,6 +156,9 @@ class ThreadPool:
     def idle(self) -> bool:
         return self._outstanding == 0
 
+    def drain(self) -> None:
+        pass  # queued requests still run: a graceful stop finishes them
+
     def force(self) -> int:
         """Cut off every running and waiting request; returns how many."""
         cut = 0
@@ -160,12 +169,13 @@ class ThreadPool:
                 break
             if item is None:
                 continue
-            request, _address = item
+            request, client_address = item
             self.server.shutdown_request(request)  # type: ignore[attr-defined]
             with self._lock:
                 self._outstanding -= 1
                 self._waiting -= 1
             self.server.counters.finished(0.0, True)
+            self.server.request_finished(client_address)
             cut += 1
         with self._lock:
             running = list(self._running)

@@ -729,6 +729,484 @@ def test_handler_class_resolves_again_at_runtime(handler_modules: str) -> None:
     assert s.handler_class() is s.handler_class()  # the module is imported once, then reused
 
 
+# -- command servers ---------------------------------------------------------------------------
+
+COMMAND_ONLY = {
+    "env",
+    "passenv",
+    "cwd",
+    "user",
+    "group",
+    "rlimit_cpu",
+    "rlimit_nofile",
+    "rlimit_as",
+}
+FORK_ONLY = {"worker_timeout", "max_requests", "max_rss"}
+
+
+def command_server(name: str = "s", **keys: str | None) -> str:
+    """A [servers.NAME] table with a command instead of a handler."""
+    return server(name, **{"handler": None, "command": '["/bin/cat", "-u"]', **keys})
+
+
+def test_new_keys_default_to_off() -> None:
+    s = one_server(server())
+    assert s.command is None and s.handler == "echo"
+    assert (dict(s.env), s.passenv, s.cwd, s.user, s.group) == ({}, (), None, None, None)
+    assert isinstance(s.env, MappingProxyType)
+    assert (s.rlimit_cpu, s.rlimit_nofile, s.rlimit_as) == (None, None, None)
+    assert (s.instances, s.per_source, s.cps, s.banner_fail, s.access_times) == (
+        None,
+        None,
+        None,
+        None,
+        (),
+    )
+    assert (s.worker_timeout, s.max_requests, s.max_requests_jitter, s.max_rss) == (
+        None,
+        None,
+        0,
+        None,
+    )
+
+
+def test_a_command_server_runs_exec_and_has_no_handler_class() -> None:
+    s = one_server(command_server())
+    assert (s.command, s.handler, s.concurrency) == (("/bin/cat", "-u"), None, "exec")
+    assert (s.socket_type, s.workers, s.max_queue) == ("stream", 1, 128)
+    with pytest.raises(ValueError, match=r"^servers\.s runs a command, it has no handler class$"):
+        s.handler_class()
+    dgram = one_server(command_server(socket_type='"dgram"'))
+    assert (dgram.socket_type, dgram.concurrency) == ("dgram", "exec")
+
+
+def test_a_command_server_takes_every_exec_key() -> None:
+    s = one_server(
+        command_server(
+            env='{ TZ = "UTC", "weird name" = "", EMPTY = "" }',
+            passenv='["PATH", "_X1"]',
+            cwd='"/srv/ftp"',
+            user='"nobody"',
+            group='"65534"',
+            rlimit_cpu="1",
+            rlimit_nofile="3",
+            rlimit_as='"200MiB"',
+        )
+    )
+    assert dict(s.env) == {"TZ": "UTC", "weird name": "", "EMPTY": ""}
+    assert (s.passenv, s.cwd, s.user, s.group) == (("PATH", "_X1"), "/srv/ftp", "nobody", "65534")
+    assert (s.rlimit_cpu, s.rlimit_nofile, s.rlimit_as) == (1, 3, 200 << 20)
+    with pytest.raises(TypeError):
+        s.env["TZ"] = "x"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1048576", 1 << 20),
+        ('"1MiB"', 1 << 20),
+        ('"200MiB"', 200 << 20),
+        ('"512M"', 512 << 20),
+        ('"512m"', 512 << 20),
+        ('"512MB"', 512 << 20),
+        ('"1GiB"', 1 << 30),
+        ('"1G"', 1 << 30),
+        ('"2 GiB"', 2 << 30),
+        ('"1T"', 1 << 40),
+        ('"4096KiB"', 4 << 20),
+        ('"1536k"', 1536 << 10),
+        ('"1048577B"', (1 << 20) + 1),
+        ("9223372036854775807", 2**63 - 1),
+    ],
+)
+def test_byte_sizes(value: str, size: int) -> None:
+    s = one_server(command_server(rlimit_as=value))
+    assert s.rlimit_as == size and type(s.rlimit_as) is int
+    fork = one_server(server(concurrency='"fork"', max_rss=value))
+    assert fork.max_rss == size
+    assert parse_config(dump_config(parse_config(command_server(rlimit_as=value)))).servers[
+        "s"
+    ] == (s)
+
+
+@pytest.mark.parametrize(
+    ("size", "dumped"),
+    [
+        (1 << 20, "1MiB"),
+        (1536 << 10, "1536KiB"),
+        (3 << 30, "3GiB"),
+        (1 << 40, "1TiB"),
+        ((1 << 20) + 1, (1 << 20) + 1),
+    ],
+)
+def test_byte_sizes_dump_in_the_largest_unit_that_divides_them(size: int, dumped: Any) -> None:
+    text = dump_config(parse_config(command_server(rlimit_as=str(size))))
+    assert tomllib.loads(text)["servers"]["s"]["rlimit_as"] == dumped
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1048575", "must be at least 1 MiB (1048576 bytes), got 1048575"),
+        ('"1K"', "must be at least 1 MiB (1048576 bytes), got '1K'"),
+        ('"0GiB"', "must be at least 1 MiB"),
+        ("-1", "must be at least 1 MiB"),
+        ('"1.5G"', 'must be an integer number of bytes, or a string like "512MiB"'),
+        ('"1048576"', "must be an integer number of bytes, or a string like"),
+        ('"12iB"', "must be an integer number of bytes, or a string like"),
+        ('"G"', "must be an integer number of bytes, or a string like"),
+        ('"1P"', "must be an integer number of bytes, or a string like"),
+        ('""', "must be an integer number of bytes, or a string like"),
+        ("true", "must be an integer number of bytes, or a string like"),
+        ("1.5e9", "must be an integer number of bytes, or a string like"),
+        ('"99999999999999999999T"', "must be at most 9223372036854775807 bytes"),
+    ],
+)
+def test_byte_size_errors(value: str, expected: str) -> None:
+    found = problems(command_server(rlimit_as=value))
+    assert found == [f"servers.s.rlimit_as: {expected}"] or found[0].startswith(
+        f"servers.s.rlimit_as: {expected}"
+    ), found
+    (fork,) = problems(server(concurrency='"fork"', max_rss=value))
+    assert fork.startswith(f"servers.s.max_rss: {expected}"), fork
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            {"handler": None},
+            "servers.s.handler: missing (required); expected a built-in service "
+            '(echo, discard, chargen, daytime, time) or "package.module:Class"; or set command',
+        ),
+        (
+            {"command": '["/bin/cat"]'},
+            "servers.s.handler: set handler or command, not both",
+        ),
+        ({"command": "[]"}, "servers.s.command: must be a list: the program and its arguments"),
+        ({"command": '"/bin/cat"'}, "servers.s.command: must be a list: the program"),
+        (
+            {"command": '["/bin/cat", ""]'},
+            "servers.s.command[1]: must be a non-empty string, got ''",
+        ),
+        ({"command": '["/bin/cat", 3]'}, "servers.s.command[1]: must be a non-empty string, got 3"),
+        (
+            {"command": '["/bin/c\\u0000at"]'},
+            "servers.s.command[0]: must not contain a NUL character",
+        ),
+        (
+            {"concurrency": '"exec"'},
+            'servers.s.concurrency: concurrency = "exec" is what a server with a command gets',
+        ),
+        (
+            {"concurrency": '"process"'},
+            'servers.s.concurrency: must be one of "inline", "thread", "fork", got \'process\'',
+        ),
+    ],
+)
+def test_handler_or_command_errors(keys: dict[str, str | None], expected: str) -> None:
+    found = problems(server(**keys))
+    assert any(p == expected or p.startswith(expected) for p in found), found
+
+
+def test_an_invalid_command_causes_no_follow_on_errors() -> None:
+    # Neither "handler missing" nor "env has no effect without command".
+    assert problems(server(handler=None, command="[]", env='{ A = "b" }')) == [
+        "servers.s.command: must be a list: the program and its arguments, "
+        'like ["/usr/sbin/in.tftpd", "-s"], got []'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("concurrency", '"thread"'),
+        ("concurrency", '"exec"'),
+        ("workers", "4"),
+        ("max_queue", "16"),
+        ("options", "{ a = 1 }"),
+        ("options", "{}"),
+    ],
+)
+def test_pool_keys_have_no_effect_with_a_command(key: str, value: str) -> None:
+    (found,) = problems(command_server(**{key: value}))
+    assert found == (
+        f"servers.s.{key}: {key} has no effect with command "
+        "(each request runs the program in a process of its own)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("env", '{ A = "b" }'),
+        ("env", "{}"),
+        ("passenv", '["PATH"]'),
+        ("passenv", "[]"),
+        ("cwd", '"/"'),
+        ("user", '"nobody"'),
+        ("group", '"nogroup"'),
+        ("rlimit_cpu", "5"),
+        ("rlimit_nofile", "64"),
+        ("rlimit_as", '"1GiB"'),
+    ],
+)
+def test_exec_keys_have_no_effect_with_a_handler(key: str, value: str) -> None:
+    (found,) = problems(server(**{key: value}))
+    assert found == (
+        f"servers.s.{key}: {key} has no effect without command "
+        "(it applies to the program a command server runs)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"env": "3"}, 'servers.s.env: must be a table of strings like { TZ = "UTC" }, got 3'),
+        ({"env": "{ A = 1 }"}, "servers.s.env.A: must be a string, got 1"),
+        (
+            {"env": '{ "A=B" = "c" }'},
+            "servers.s.env.\"A=B\": a variable name must be non-empty, without '=' or NUL",
+        ),
+        ({"env": '{ "" = "c" }'}, 'servers.s.env."": a variable name must be non-empty'),
+        (
+            {"env": '{ A = "x\\u0000y" }'},
+            "servers.s.env.A: must not contain a NUL character, got 'x\\x00y'",
+        ),
+        ({"passenv": '"PATH"'}, 'servers.s.passenv: must be a list of variable names like ["LANG"'),
+        (
+            {"passenv": '["PATH", "1X"]'},
+            "servers.s.passenv[1]: must be a variable name ([A-Za-z_][A-Za-z0-9_]*), got '1X'",
+        ),
+        ({"passenv": '["A-B"]'}, "servers.s.passenv[0]: must be a variable name"),
+        ({"passenv": "[1]"}, "servers.s.passenv[0]: must be a variable name"),
+        ({"cwd": '"srv"'}, "servers.s.cwd: must be an absolute path, got 'srv'"),
+        ({"cwd": "1"}, "servers.s.cwd: must be an absolute path, got 1"),
+        ({"user": '""'}, "servers.s.user: must be a non-empty string, got ''"),
+        ({"user": "0"}, "servers.s.user: must be a non-empty string, got 0"),
+        ({"group": '"a\\u0000"'}, "servers.s.group: must not contain a NUL character"),
+        ({"rlimit_cpu": "0"}, "servers.s.rlimit_cpu: must be an integer >= 1, got 0"),
+        ({"rlimit_cpu": "1.5"}, "servers.s.rlimit_cpu: must be an integer >= 1, got 1.5"),
+        (
+            {"rlimit_cpu": "2147483648"},
+            "servers.s.rlimit_cpu: must be an integer <= 2147483647, got 2147483648",
+        ),
+        ({"rlimit_nofile": "2"}, "servers.s.rlimit_nofile: must be an integer >= 3, got 2"),
+        ({"rlimit_nofile": '"64"'}, "servers.s.rlimit_nofile: must be an integer >= 3, got '64'"),
+    ],
+)
+def test_exec_key_errors(keys: dict[str, str], expected: str) -> None:
+    found = problems(command_server(**keys))
+    assert any(p == expected or p.startswith(expected) for p in found), found
+
+
+def test_command_servers_dump_and_parse_back_equal() -> None:
+    text = command_server(
+        "date",
+        socket_type='"dgram"',
+        command='["/bin/date", "-u", "+%s"]',
+        env='{ TZ = "UTC", "with space" = "v" }',
+        passenv='["PATH"]',
+        cwd='"/tmp"',
+        user='"nobody"',
+        group='"nogroup"',
+        rlimit_cpu="10",
+        rlimit_nofile="64",
+        rlimit_as="314572800",
+        instances="3",
+        cps="[5, 60]",
+        access_times='["8:00-9:30", "22:00-06:00"]',
+    )
+    config = parse_config(text)
+    dumped = dump_config(config)
+    assert parse_config(dumped) == config
+    doc = tomllib.loads(dumped)["servers"]["date"]
+    assert doc["command"] == ["/bin/date", "-u", "+%s"]
+    assert doc["env"] == {"TZ": "UTC", "with space": "v"}
+    assert (doc["rlimit_as"], doc["cps"]) == ("300MiB", [5, 60])
+    assert doc["access_times"] == ["08:00-09:30", "22:00-06:00"]
+    assert "handler" not in doc and "concurrency" not in doc and "options" not in doc
+    assert {"workers", "max_queue"}.isdisjoint(doc)
+    # Equality sees every new key.
+    for key, value in [("env", '{ TZ = "GMT" }'), ("cwd", '"/"'), ("rlimit_cpu", "11")]:
+        changed = parse_config(command_server("date", **{key: value}))
+        assert changed.servers["date"] != config.servers["date"]
+
+
+def test_a_command_server_and_a_handler_server_differ() -> None:
+    a = one_server(server())
+    b = one_server(command_server())
+    assert a != b and a.listen == b.listen
+
+
+# -- limits and worker health ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keys", "attr", "value"),
+    [
+        ({"instances": "1"}, "instances", 1),
+        ({"instances": "2147483647"}, "instances", 2147483647),
+        ({"per_source": "1"}, "per_source", 1),
+        ({"socket_type": '"dgram"', "per_source": "4"}, "per_source", 4),
+        ({"cps": "[1, 1]"}, "cps", (1, 1)),
+        ({"cps": "[50, 86400]"}, "cps", (50, 86400)),
+        ({"banner_fail": '""'}, "banner_fail", ""),
+        ({"banner_fail": '"go away\\r\\n"'}, "banner_fail", "go away\r\n"),
+        ({"banner_fail": f'"{"é" * 2048}"'}, "banner_fail", "é" * 2048),
+        ({"listen": '"unix:/tmp/u"', "banner_fail": '"no"'}, "banner_fail", "no"),
+        ({"access_times": "[]"}, "access_times", ()),
+        ({"access_times": '["00:00-23:59"]'}, "access_times", ((0, 1439),)),
+        (
+            {"access_times": '["8:05-9:30", "22:00-06:00"]'},
+            "access_times",
+            ((485, 570), (1320, 360)),
+        ),
+        ({"access_times": '["12:00-12:00"]'}, "access_times", ((720, 720),)),
+        ({"concurrency": '"fork"', "worker_timeout": "0.5"}, "worker_timeout", 0.5),
+        ({"concurrency": '"fork"', "worker_timeout": "86400"}, "worker_timeout", 86400.0),
+        ({"concurrency": '"fork"', "max_requests": "1"}, "max_requests", 1),
+        (
+            {"concurrency": '"fork"', "max_requests": "100", "max_requests_jitter": "0"},
+            "max_requests_jitter",
+            0,
+        ),
+        (
+            {"concurrency": '"fork"', "max_requests": "100", "max_requests_jitter": "500"},
+            "max_requests_jitter",
+            500,
+        ),
+        ({"concurrency": '"fork"', "max_rss": '"64MiB"'}, "max_rss", 64 << 20),
+    ],
+)
+def test_limit_and_worker_keys(keys: dict[str, str], attr: str, value: Any) -> None:
+    got = getattr(one_server(server(**keys)), attr)
+    assert got == value and type(got) is type(value)
+    config = parse_config(server(**keys))
+    assert parse_config(dump_config(config)) == config
+
+
+def test_limits_apply_to_command_servers_too() -> None:
+    s = one_server(command_server(instances="2", per_source="1", cps="[3, 4]", banner_fail='"x"'))
+    assert (s.instances, s.per_source, s.cps, s.banner_fail) == (2, 1, (3, 4), "x")
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"instances": "0"}, "servers.s.instances: must be an integer >= 1, got 0"),
+        ({"instances": '"UNLIMITED"'}, "servers.s.instances: must be an integer >= 1"),
+        ({"instances": "true"}, "servers.s.instances: must be an integer >= 1, got True"),
+        ({"per_source": "0"}, "servers.s.per_source: must be an integer >= 1, got 0"),
+        (
+            {"listen": '"unix:/tmp/u"', "per_source": "2"},
+            "servers.s.per_source: per_source has no effect on a unix socket "
+            "(its clients have no IP address)",
+        ),
+        ({"cps": "50"}, "servers.s.cps: must be a list of two integers [COUNT, SECONDS]"),
+        ({"cps": "[50]"}, "servers.s.cps: must be a list of two integers"),
+        ({"cps": "[1, 2, 3]"}, "servers.s.cps: must be a list of two integers"),
+        ({"cps": "[0, 10]"}, "servers.s.cps[0]: must be an integer >= 1, got 0"),
+        ({"cps": "[5, 0]"}, "servers.s.cps[1]: must be an integer >= 1, got 0"),
+        ({"cps": "[5, 86401]"}, "servers.s.cps[1]: must be an integer <= 86400, got 86401"),
+        ({"cps": '[5, "10"]'}, "servers.s.cps[1]: must be an integer >= 1, got '10'"),
+        ({"banner_fail": "1"}, "servers.s.banner_fail: must be a string, got 1"),
+        (
+            {"banner_fail": f'"{"é" * 2049}"'},
+            "servers.s.banner_fail: is 4098 bytes in UTF-8, more than 4096",
+        ),
+        (
+            {"socket_type": '"dgram"', "banner_fail": '"x"'},
+            'servers.s.banner_fail: banner_fail has no effect with socket_type = "dgram"',
+        ),
+        ({"access_times": '"08:00-17:00"'}, "servers.s.access_times: must be a list of"),
+        (
+            {"access_times": '["08:00-17:00", "8-17"]'},
+            'servers.s.access_times[1]: must be "HH:MM-HH:MM" (00:00 to 23:59), like',
+        ),
+        ({"access_times": "[800]"}, 'servers.s.access_times[0]: must be "HH:MM-HH:MM"'),
+        ({"access_times": '["08:00 - 17:00"]'}, "servers.s.access_times[0]: must be"),
+        ({"access_times": '["8:0-9:00"]'}, "servers.s.access_times[0]: must be"),
+        (
+            {"access_times": '["12:00-24:00"]'},
+            "servers.s.access_times[0]: '12:00-24:00': a time must be from 00:00 to 23:59",
+        ),
+        (
+            {"access_times": '["08:60-09:00"]'},
+            "servers.s.access_times[0]: '08:60-09:00': a time must be",
+        ),
+        (
+            {"concurrency": '"fork"', "worker_timeout": "0"},
+            "servers.s.worker_timeout: must be a number > 0, got 0",
+        ),
+        (
+            {"concurrency": '"fork"', "worker_timeout": "86401"},
+            "servers.s.worker_timeout: must be a number <= 86400",
+        ),
+        (
+            {"concurrency": '"fork"', "max_requests": "0"},
+            "servers.s.max_requests: must be an integer >= 1, got 0",
+        ),
+        (
+            {"concurrency": '"fork"', "max_requests": "9", "max_requests_jitter": "-1"},
+            "servers.s.max_requests_jitter: must be an integer >= 0, got -1",
+        ),
+        (
+            {"concurrency": '"fork"', "max_requests_jitter": "5"},
+            "servers.s.max_requests_jitter: max_requests_jitter has no effect without max_requests",
+        ),
+        (
+            {"concurrency": '"fork"', "max_requests_jitter": "0"},
+            "servers.s.max_requests_jitter: max_requests_jitter has no effect without",
+        ),
+    ],
+)
+def test_limit_and_worker_errors(keys: dict[str, str], expected: str) -> None:
+    found = problems(server(**keys))
+    assert any(p == expected or p.startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize("key", [*sorted(FORK_ONLY), "max_requests_jitter"])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {},
+        {"concurrency": '"inline"'},
+        {"socket_type": '"dgram"'},
+        {"handler": None, "command": '["/bin/true"]'},
+    ],
+)
+def test_worker_health_keys_need_a_fork_pool(key: str, keys: dict[str, str | None]) -> None:
+    value = {"worker_timeout": "5", "max_rss": '"1GiB"'}.get(key, "10")
+    found = problems(server(**keys, **{key: value}))
+    assert found == [
+        f'servers.s.{key}: {key} has no effect without concurrency = "fork" '
+        "(it is about the fork pool's workers)"
+    ]
+
+
+def test_a_fork_pool_dumps_its_worker_keys() -> None:
+    text = server(
+        concurrency='"fork"',
+        worker_timeout="2.5",
+        max_requests="1000",
+        max_requests_jitter="50",
+        max_rss="268435456",
+    )
+    config = parse_config(text)
+    doc = tomllib.loads(dump_config(config))["servers"]["s"]
+    assert (doc["worker_timeout"], doc["max_requests"], doc["max_requests_jitter"]) == (
+        2.5,
+        1000,
+        50,
+    )
+    assert doc["max_rss"] == "256MiB"
+    assert parse_config(dump_config(config)) == config
+    # Without max_requests, the jitter's default is not written (it would be an error).
+    plain_fork = tomllib.loads(dump_config(parse_config(server(concurrency='"fork"'))))
+    assert "max_requests_jitter" not in plain_fork["servers"]["s"]
+
+
 # -- load --------------------------------------------------------------------------------------
 
 
@@ -824,20 +1302,26 @@ def test_dump_fills_in_every_default_that_applies() -> None:
     )
     doc = tomllib.loads(dump_config(config))
     assert set(doc["daemon"]) == {"control_socket", "log_format", "log_level", "shutdown_timeout"}
-    assert set(doc["servers"]["tcp"]) == set(SERVER_FIELDS)
-    assert set(SERVER_FIELDS) - set(doc["servers"]["udp"]) == {
+    # Unset optional keys (None) are left out, and so are the keys that only apply to command
+    # servers or fork pools.
+    unset = {"command", "instances", "per_source", "cps", "banner_fail"}
+    unset |= {"worker_timeout", "max_requests", "max_requests_jitter", "max_rss"}
+    unset |= COMMAND_ONLY
+    assert set(SERVER_FIELDS) - set(doc["servers"]["tcp"]) == unset
+    assert set(SERVER_FIELDS) - set(doc["servers"]["udp"]) == unset | {
         "workers",
         "max_queue",
         "request_queue_size",
         "timeout",
     }
-    assert set(SERVER_FIELDS) - set(doc["servers"]["unix"]) == {
+    assert set(SERVER_FIELDS) - set(doc["servers"]["unix"]) == unset | {
         "workers",
         "max_queue",
         "allow_reuse_address",
         "allow_reuse_port",
     }
     assert doc["servers"]["tcp"]["workers"] == 16
+    assert doc["servers"]["tcp"]["access_times"] == []
 
 
 def test_dump_writes_optional_daemon_keys_when_set() -> None:
@@ -911,7 +1395,8 @@ _PLAUSIBLE: dict[str, list[Any]] = {
     "listen": ["127.0.0.1:0", "127.0.0.1:7", "[::1]:7", "localhost:7", "unix:/tmp/f", "unix:@f"],
     "socket_type": ["stream", "dgram"],
     "handler": [*BUILTIN_SERVICES, "servers.services:EchoStreamHandler", "socketserver:X", "x:y"],
-    "concurrency": ["inline", "thread", "fork"],
+    "concurrency": ["inline", "thread", "fork", "exec"],
+    "command": [["/bin/true"], ["/bin/echo", "-n", "x"], [], ["a", ""]],
     "workers": [1, 4, 1024, 1025, 0],
     "max_queue": [0, 128, 65537],
     "request_queue_size": [1, 128, 0],
@@ -924,6 +1409,23 @@ _PLAUSIBLE: dict[str, list[Any]] = {
     "log_level": ["INFO", "debug", "loud"],
     "shutdown_timeout": [0.1, 10, 0, 4000],
     "pidfile": ["/tmp/p", "p"],
+    "env": [{}, {"A": "b"}, {"A": 1}, {"A=B": "c"}],
+    "passenv": [[], ["PATH"], ["1x"]],
+    "cwd": ["/", "rel"],
+    "user": ["nobody", ""],
+    "group": ["nogroup", ""],
+    "rlimit_cpu": [1, 0],
+    "rlimit_nofile": [3, 64, 2],
+    "rlimit_as": ["1GiB", 1 << 20, "1K", "12"],
+    "instances": [1, 64, 0],
+    "per_source": [1, 0],
+    "cps": [[50, 10], [0, 1], [1], [1, 86401]],
+    "banner_fail": ["no\r\n", "", 1],
+    "access_times": [[], ["08:00-17:00"], ["22:00-06:00", "12:00-12:30"], ["25:00-01:00"]],
+    "worker_timeout": [0.5, 30, 0],
+    "max_requests": [1, 1000, 0],
+    "max_requests_jitter": [0, 50, -1],
+    "max_rss": ["256MiB", 1 << 30, 5],
 }
 
 _scalars = st.one_of(
@@ -1012,35 +1514,71 @@ def _valid_server(draw: st.DrawFn, port: int) -> dict[str, Any]:
             )
         )
     )
+    runs_command = draw(st.booleans())
     modes = ["inline", "thread"] + (["fork"] if socket_type == "stream" else [])
-    concurrency = draw(st.sampled_from(modes))
-    table: dict[str, Any] = {
-        "listen": listen,
-        "handler": draw(st.sampled_from(sorted(BUILTIN_SERVICES))),
-    }
+    concurrency = "exec" if runs_command else draw(st.sampled_from(modes))
+    table: dict[str, Any] = {"listen": listen}
+    if runs_command:
+        argument = st.text(min_size=1, max_size=8).filter(lambda a: "\0" not in a)
+        table["command"] = draw(st.lists(argument, min_size=1, max_size=3))
+    else:
+        table["handler"] = draw(st.sampled_from(sorted(BUILTIN_SERVICES)))
     optional: dict[str, st.SearchStrategy[Any]] = {
         "socket_type": st.just(socket_type),
-        "concurrency": st.just(concurrency),
         "enabled": st.booleans(),
-        "options": st.dictionaries(st.text(max_size=6), _clean_values, max_size=3),
+        "instances": st.integers(1, 2**31 - 1),
+        "cps": st.tuples(st.integers(1, 1000), st.integers(1, 86400)).map(list),
+        "access_times": st.lists(
+            st.tuples(st.integers(0, 23), st.integers(0, 59), st.integers(0, 23)).map(
+                lambda t: f"{t[0]}:{t[1]:02d}-{t[2]:02d}:00"
+            ),
+            max_size=3,
+        ),
     }
-    if concurrency != "inline":
+    if runs_command:
+        names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True)
+        optional["env"] = st.dictionaries(
+            st.text(min_size=1, max_size=6).filter(lambda k: "=" not in k and "\0" not in k),
+            st.text(max_size=6).filter(lambda v: "\0" not in v),
+            max_size=3,
+        )
+        optional["passenv"] = st.lists(names, max_size=3)
+        optional["cwd"] = st.sampled_from(["/", "/srv/x y"])
+        optional["user"] = st.sampled_from(["nobody", "0"])
+        optional["group"] = st.sampled_from(["nogroup", "0"])
+        optional["rlimit_cpu"] = st.integers(1, 2**31 - 1)
+        optional["rlimit_nofile"] = st.integers(3, 2**31 - 1)
+        optional["rlimit_as"] = st.integers(1 << 20, 2**63 - 1) | st.sampled_from(
+            ["1MiB", "200M", "3 GiB", "1T", "1048577B"]
+        )
+    else:
+        optional["concurrency"] = st.just(concurrency)
+        optional["options"] = st.dictionaries(st.text(max_size=6), _clean_values, max_size=3)
+    if concurrency in ("thread", "fork"):
         optional["workers"] = st.integers(1, 1024)
         optional["max_queue"] = st.integers(0, 65536)
+    if concurrency == "fork":
+        optional["worker_timeout"] = st.floats(0.001, 86400) | st.integers(1, 86400)
+        optional["max_rss"] = st.integers(1 << 20, 2**40) | st.just("1GiB")
+        if draw(st.booleans()):
+            table["max_requests"] = draw(st.integers(1, 2**31 - 1))
+            optional["max_requests_jitter"] = st.integers(0, 2**31 - 1)
     if socket_type == "stream":
         optional["request_queue_size"] = st.integers(1, 65535)
         optional["timeout"] = st.integers(0, 86400) | st.floats(0, 86400)
+        optional["banner_fail"] = st.text(max_size=20)
     if not unix:
         optional["allow_reuse_address"] = st.booleans()
         optional["allow_reuse_port"] = st.booleans()
         nets = st.lists(st.sampled_from(["10.0.0.0/8", "10.1.2.3", "::1", "2001:db8::/32"]))
         optional["allow"] = nets
         optional["deny"] = nets
+        optional["per_source"] = st.integers(1, 2**31 - 1)
     table.update(draw(st.fixed_dictionaries({}, optional=optional)))
     # Keys that others depend on are written whenever they differ from their defaults.
     if socket_type == "dgram":
         table["socket_type"] = "dgram"
-    if concurrency != ("thread" if socket_type == "stream" else "inline"):
+    if not runs_command and concurrency != ("thread" if socket_type == "stream" else "inline"):
         table["concurrency"] = concurrency
     return table
 
