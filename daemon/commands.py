@@ -7,7 +7,6 @@ missing or mistyped argument gets a clear error and the supervisor never sees it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,8 @@ if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 log = get_logger()
+
+MAX_SHUTDOWN = 3600  # as [daemon] shutdown_timeout allows
 
 
 def _server_name(request: dict[str, Any], required: bool) -> str | None:
@@ -83,13 +84,18 @@ def command_table(supervisor: Supervisor) -> dict[str, Command]:
 
     def shutdown(request: dict[str, Any]) -> Any:
         timeout = request.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
-            raise CommandError('"timeout" must be a number of seconds >= 0')
+        # The bounds of [daemon] shutdown_timeout; a float() first so that a huge integer is
+        # refused here rather than overflowing a timer later.
+        if timeout is not None:
+            try:
+                valid = not isinstance(timeout, bool) and 0 <= float(timeout) <= MAX_SHUTDOWN
+            except (TypeError, ValueError, OverflowError):
+                valid = False
+            if not valid:  # NaN and the infinities fail the comparison too
+                raise CommandError(
+                    f'"timeout" must be a number of seconds from 0 to {MAX_SHUTDOWN}'
+                )
+            timeout = float(timeout)
         supervisor.begin_shutdown(timeout)
         return {"phase": supervisor.phase.value}
 

@@ -22,6 +22,7 @@ import json
 import os
 import selectors
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -36,6 +37,12 @@ log = get_logger()
 
 MAX_LINE = 64 * 1024
 MAX_OUTPUT = 4 * 1024 * 1024
+# Flow control: at most this many requests are handled per readiness event, and none while
+# this much output waits for the client to read it.
+LINES_PER_EVENT = 32
+OUTPUT_HIGH_WATER = 64 * 1024
+# A client whose pending replies see no progress for this long is not reading: cut it off.
+STALL_TIMEOUT = 5.0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -67,8 +74,14 @@ def prepare_socket_path(path: str) -> None:
     directory = os.path.dirname(path)
     if directory and not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-    if not os.path.exists(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise DaemonError(
+            f"control socket {path}: exists and is not a socket; refusing to replace it"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
@@ -148,6 +161,8 @@ class LoopConnection:
         self._closing = False
         self._watching_write = False
         self._last_activity = time.monotonic()
+        self._sent_total = 0
+        self._stall_timer: Any = None
         registry.add(self)
         host.watch(sock.fileno(), self.on_ready)
         host.call_later(self.idle_timeout, self._check_idle)
@@ -155,11 +170,21 @@ class LoopConnection:
     def received(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def has_pending_input(self) -> bool:
+        """Input already read but not yet handled (flow control held it back)."""
+        return False
+
     def on_ready(self) -> None:
         self._last_activity = time.monotonic()
         if self._outbuf:
             self._flush()
         if self._sock.fileno() < 0 or self._closing:
+            return
+        if self.has_pending_input():
+            # Finish what was read before reading more: a client that floods requests gets
+            # them answered at the pace it takes the replies, never all in one loop turn.
+            self.received(b"")
+            self._update_interest()
             return
         try:
             data = self._sock.recv(65536)
@@ -185,10 +210,29 @@ class LoopConnection:
     def send(self, data: bytes) -> None:
         self._outbuf += data
         if len(self._outbuf) > MAX_OUTPUT:
-            log.warning("client_not_reading", pending=len(self._outbuf))
-            self.close()
+            self._not_reading()
             return
         self._flush()
+
+    def _not_reading(self) -> None:
+        log.warning("client_not_reading", pending=len(self._outbuf))
+        self.close()
+
+    def _check_stall(self, mark: int) -> None:
+        self._stall_timer = None
+        if self._sock.fileno() < 0 or not self._outbuf:
+            return
+        if self._sent_total == mark:
+            self._not_reading()
+        else:
+            self._watch_stall()
+
+    def _watch_stall(self) -> None:
+        if self._stall_timer is None:
+            mark = self._sent_total
+            self._stall_timer = self._host.call_later(
+                STALL_TIMEOUT, lambda: self._check_stall(mark)
+            )
 
     def close_when_sent(self) -> None:
         self._closing = True
@@ -201,22 +245,34 @@ class LoopConnection:
             while self._outbuf:
                 sent = self._sock.send(self._outbuf)
                 del self._outbuf[:sent]
+                self._sent_total += sent
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
             self.close()
             return
-        if self._outbuf and not self._watching_write:
-            self._host.rewatch(self._sock.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE)
-            self._watching_write = True
-        elif not self._outbuf:
-            if self._watching_write:
-                self._host.rewatch(self._sock.fileno(), selectors.EVENT_READ)
-                self._watching_write = False
-            if self._closing:
-                self.close()
+        if not self._outbuf and self._closing:
+            self.close()
+            return
+        if self._outbuf:
+            self._watch_stall()
+        self._update_interest()
+
+    def _update_interest(self) -> None:
+        """Watch for writability while there is output to send or held-back input to handle."""
+        if self._sock.fileno() < 0:
+            return
+        want = bool(self._outbuf) or self.has_pending_input()
+        if want != self._watching_write:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self._host.rewatch(self._sock.fileno(), events)
+            self._watching_write = want
 
     def close(self) -> None:
+        self._closing = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._sock.fileno() >= 0:
             self._host.unwatch(self._sock.fileno())
             self._sock.close()
@@ -233,17 +289,22 @@ class ControlConnection(LoopConnection):
 
     def received(self, data: bytes) -> None:
         self._inbuf += data
-        while not self._closing:
+        for _ in range(LINES_PER_EVENT):
+            if self._closing or len(self._outbuf) > OUTPUT_HIGH_WATER:
+                break
             end = self._inbuf.find(b"\n")
             if end < 0:
                 break
             line = bytes(self._inbuf[:end])
             del self._inbuf[: end + 1]
             self._reply(self._answer(line))
-        if len(self._inbuf) > MAX_LINE and not self._closing:
+        if b"\n" not in self._inbuf and len(self._inbuf) > MAX_LINE and not self._closing:
             self._reply({"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
             self._inbuf.clear()
             self.close_when_sent()
+
+    def has_pending_input(self) -> bool:
+        return not self._closing and b"\n" in self._inbuf
 
     def _answer(self, line: bytes) -> dict[str, Any]:
         if len(line) > MAX_LINE:

@@ -18,9 +18,10 @@ import os
 import socket
 import sys
 import time
+import tomllib
 from typing import Any
 
-from .config import ConfigError, load_config
+from .config import ConfigError, default_control_socket
 
 UNREACHABLE = 2
 COMMANDS = (
@@ -68,9 +69,27 @@ def request(path: str, message: dict[str, Any], timeout: float = 30.0) -> dict[s
 
 
 def socket_path(args: argparse.Namespace) -> str:
+    """-s, else [daemon] control_socket of the config the daemon would read, else the default.
+
+    Only that one key is read: validating the whole file would import every handler module,
+    which selectctl has no business doing (and may not be able to).
+    """
     if args.socket:
         return str(args.socket)
-    return load_config(args.config).daemon.control_socket
+    path = args.config or os.environ.get("SELECTD_CONFIG") or None
+    if path is None:
+        return default_control_socket()
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("daemon", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    value = table.get("control_socket") if isinstance(table, dict) else None
+    if value is None:
+        return default_control_socket()
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: daemon.control_socket must be a string")
+    return value
 
 
 def format_status(result: dict[str, Any]) -> str:
@@ -123,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("argument", nargs="?", help="SERVER, or TIMEOUT for shutdown")
     args = parser.parse_args(argv)
+    if args.watch is not None and not (0 < args.watch < 86400):
+        parser.error("--watch takes a number of seconds above 0")
 
     message: dict[str, Any] = {"command": args.command}
     if args.command in NEEDS_SERVER and args.argument is None:

@@ -65,35 +65,52 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
 
 
 def same_socket(old: ServerConfig, new: ServerConfig) -> bool:
-    """Whether `new` can keep the listening socket `old` has."""
-    return (
-        old.listen == new.listen
-        and old.socket_type == new.socket_type
-        and old.request_queue_size == new.request_queue_size
-        and old.allow_reuse_address == new.allow_reuse_address
-        and old.allow_reuse_port == new.allow_reuse_port
-    )
+    """Whether `new` can keep the listening socket `old` has (the backlog and the reuse flags
+    are applied to the socket as it is)."""
+    return old.listen == new.listen and old.socket_type == new.socket_type
+
+
+def _address(config: ServerConfig) -> tuple[Any, str]:
+    return (config.listen, config.socket_type)
 
 
 def apply_reload(supervisor: Supervisor, new: Config) -> dict[str, Any]:
     """Move `supervisor` to `new`; raises DaemonError (nothing changed) when a bind fails."""
     plan = plan_reload(supervisor.config, new)
+    units = supervisor.units
+    # Listening sockets this reload frees (removed servers, servers that move) can go to a
+    # server that wants the same address: a rename, or two servers trading places, keeps the
+    # socket and its accept queue, and binds nothing.
+    donors: dict[tuple[Any, str], Any] = {}
+    for name in plan.removed + plan.changed:
+        unit = units[name]
+        moved = name in plan.removed or not same_socket(unit.config, new.servers[name])
+        if unit.server is not None and moved:
+            donors[_address(unit.config)] = unit
+    wanted: list[str] = []
+    for name in plan.added + plan.changed:
+        config = new.servers[name]
+        unit = units.get(name)
+        if not config.enabled or (unit is not None and unit.stopped_by_operator):
+            continue
+        if unit is not None and unit.server is not None and same_socket(unit.config, config):
+            continue  # keeps its own socket
+        wanted.append(name)
     # Phase 1: every new socket, or none.
     fresh: dict[str, Any] = {}
     try:
-        for name in plan.added + plan.changed:
-            config = new.servers[name]
-            unit = supervisor.units.get(name)
-            keeps = (
-                unit is not None and unit.server is not None and same_socket(unit.config, config)
-            )
-            if config.enabled and not keeps:
-                fresh[name] = supervisor.bind(name, config)
+        for name in wanted:
+            if _address(new.servers[name]) not in donors:
+                fresh[name] = supervisor.bind(name, new.servers[name])
     except BaseException:
         for server in fresh.values():
             server.server_close()
         raise
     # Phase 2: nothing below can fail for lack of a socket.
+    for name in wanted:
+        donor = donors.pop(_address(new.servers[name]), None)
+        if name not in fresh and donor is not None:
+            fresh[name] = supervisor.take_listener(donor, new.servers[name])
     for name in plan.removed:
         supervisor.remove_unit(name)
     for name in plan.added:
