@@ -3,6 +3,8 @@
     selectd [run] [-c FILE]      serve in the foreground until SIGTERM/SIGINT
     selectd check [-c FILE|-]    validate; `ok` and 0, or one line per problem and 2
     selectd config [-c FILE]     the effective config, every default filled in, as TOML
+    selectd convert --from xinetd|inetd FILE...
+                                 an xinetd or inetd config as selectd TOML, notes on stderr
 
 Without -c: $SELECTD_CONFIG if set, else the embedded default (the built-in services on
 127.0.0.1 high ports). Exit status: 0 after a graceful stop, 1 on a fatal runtime error, 2 on a
@@ -20,7 +22,7 @@ from . import log as logmod
 from .config import Config, ConfigError, dump_config, load_config
 from .errors import DaemonError, ExitStatus
 
-COMMANDS = ("run", "check", "config")
+COMMANDS = ("run", "check", "config", "convert")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         description="selectd: many socket servers, one selectors loop.",
     )
     parser.add_argument("--version", action="version", version=f"selectd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,check,config}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,check,config,convert}")
     for name, text in (
         ("run", "serve in the foreground (the default command)"),
         ("check", "validate the config and exit"),
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
             help="config file ('-' for stdin with check); default: $SELECTD_CONFIG, "
             "else the embedded default",
         )
+    text = "print an xinetd or inetd config as selectd TOML (what has no equivalent: on stderr)"
+    convert = sub.add_parser("convert", help=text, description=text)
+    convert.add_argument("--from", dest="source_format", required=True, choices=("xinetd", "inetd"))
+    convert.add_argument(
+        "files", nargs="+", metavar="FILE", help="xinetd.conf (with what it includes), inetd.conf"
+    )
     return parser
 
 
@@ -51,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        from .convert import main as convert  # imported here: the other commands stay light
+
+        return convert(args.source_format, args.files)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -33,7 +33,7 @@ UNIX_PATH_MAX: Final = 107
 
 LISTEN_FORMS: Final = (
     'expected "HOST:PORT" (HOST an IP address or localhost), "[IPv6]:PORT", '
-    '"unix:/absolute/path" or "unix:@abstract-name"'
+    '"unix:/absolute/path", "unix:@abstract-name" or "systemd:NAME"'
 )
 
 INT64_MIN: Final = -(2**63)
@@ -392,14 +392,17 @@ class Address:
     "[::0001]:7" and "[::1]:7") give equal Addresses. str() is the canonical listen string.
     """
 
-    kind: str  # "inet" | "unix"
-    family: int  # socket.AF_INET | AF_INET6 | AF_UNIX
+    kind: str  # "inet" | "unix" | "systemd"
+    family: int  # socket.AF_INET | AF_INET6 | AF_UNIX; AF_UNSPEC for systemd (known at run time)
     host: str | None = None  # inet only; IPv6 without brackets
     port: int | None = None  # inet only; 0 picks a free port
     path: str | None = None  # unix only; an abstract name starts with "\0"
+    name: str | None = None  # systemd only: the FileDescriptorName of a passed socket
 
     def sockaddr(self) -> tuple[str, int] | str:
-        """What socket.bind() takes for this address."""
+        """What socket.bind() takes for this address (a systemd socket is never bound here)."""
+        if self.kind == "systemd":
+            raise ValueError(f"{self} is a socket passed by systemd, not an address to bind")
         if self.kind == "unix":
             assert self.path is not None
             return self.path
@@ -407,6 +410,8 @@ class Address:
         return (self.host, self.port)
 
     def __str__(self) -> str:
+        if self.kind == "systemd":
+            return f"systemd:{self.name}"
         if self.kind == "unix":
             assert self.path is not None
             return "unix:" + ("@" + self.path[1:] if self.path.startswith("\0") else self.path)
@@ -421,6 +426,15 @@ def parse_listen(value: Any) -> Address:
         raise Invalid(f"must be a string; {LISTEN_FORMS}; got {show(value)}")
     if value.startswith("unix:"):
         return _parse_unix(value, value[len("unix:") :])
+    if value.startswith("systemd:"):
+        name = value[len("systemd:") :]
+        # sd_listen_fds_with_names(3): up to 255 printable characters, no ':'.
+        if not re.fullmatch(r"[A-Za-z0-9_.@+-]{1,255}", name):
+            raise Invalid(
+                f"{show(value)}: the name of a socket passed by systemd (its "
+                "FileDescriptorName=) must be 1 to 255 of A-Z a-z 0-9 _ . @ + -"
+            )
+        return Address("systemd", socket.AF_UNSPEC, name=name)
     bracketed = re.fullmatch(r"\[([^\[\]]*)\]:([^:]*)", value)
     if bracketed:
         host, port = bracketed[1], bracketed[2]

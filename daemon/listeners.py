@@ -233,7 +233,9 @@ class ManagedMixIn:
         counters: Counters | None = None,
         bind_and_activate: bool = True,
     ) -> None:
-        self.address_family = config.listen.family
+        # A socket passed by systemd has its family only at run time: AF_UNIX stands in until
+        # adopt_inherited() takes the real one from the socket.
+        self.address_family = config.listen.family or socket.AF_UNIX
         self.allow_reuse_address = config.allow_reuse_address
         self.allow_reuse_port = config.allow_reuse_port
         self.request_queue_size = config.request_queue_size
@@ -255,9 +257,8 @@ class ManagedMixIn:
             self.address_family == socket.AF_UNIX
         )
         handler = config.handler_class() if config.command is None else servers.BaseRequestHandler
-        super().__init__(  # type: ignore[call-arg]
-            config.listen.sockaddr(), handler, bind_and_activate
-        )
+        address = "" if config.listen.kind == "systemd" else config.listen.sockaddr()
+        super().__init__(address, handler, bind_and_activate)  # type: ignore[call-arg]
 
     def server_activate(self) -> None:
         super().server_activate()  # type: ignore[misc]
@@ -286,10 +287,26 @@ class ManagedMixIn:
             self.socket.setsockopt(socket.SOL_SOCKET, option, int(on))
 
     def adopt_inherited(self, sock: socket.socket) -> None:
-        """Serve a socket passed by systemd or by the daemon this one took over from."""
+        """Serve a socket passed by systemd or by the daemon this one took over from; ValueError
+        saying why when it does not fit the server's config."""
         if sock.type != self.socket_type:
             kind = "stream" if sock.type == socket.SOCK_STREAM else "datagram"
-            raise ValueError(f"the inherited socket is a {kind} socket")
+            raise ValueError(
+                f"the passed socket is a {kind} socket, the server's socket_type is "
+                f"{self.config.socket_type!r}"
+            )
+        if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            raise ValueError(f"the passed socket's family {sock.family!r} is not served")
+        if sock.family == socket.AF_UNIX and (
+            self.config.allow or self.config.deny or self.config.per_source
+        ):
+            raise ValueError(
+                "the passed socket is a unix socket: allow, deny and per_source need IP"
+            )
+        if sock.type == socket.SOCK_STREAM and not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            raise ValueError("the passed stream socket is not listening")
         self.adopt_socket(sock)  # type: ignore[attr-defined]
         self._per_connection_timeout = bool(self._io_timeout) and (
             self.address_family == socket.AF_UNIX

@@ -99,7 +99,6 @@ class Daemon:
 
         return wait_for(seen, timeout)
 
-
     def control(self, command: str, **args: Any) -> dict[str, Any]:
         """One request on the control socket; the reply object."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -436,3 +436,98 @@ def test_selectd_module_runs_from_a_copy_of_argv() -> None:
         timeout=30,
     )
     assert result.returncode == 0 and "selectd" in result.stdout
+
+
+# -- socket activation -----------------------------------------------------------------------
+
+ACTIVATE = "/usr/bin/systemd-socket-activate"
+needs_activate = pytest.mark.skipif(
+    not os.path.exists(ACTIVATE), reason="systemd-socket-activate is not installed"
+)
+
+
+def activated(tmp_path: Path, config: str, *listen_args: str) -> subprocess.Popen[bytes]:
+    path = tmp_path / "activated.toml"
+    path.write_text(config)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(tmp_path / "activated.log", "wb") as log:
+        return subprocess.Popen(
+            [ACTIVATE, *listen_args, sys.executable, "-m", "daemon", "run", "-c", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+@needs_activate
+def test_socket_activation_serves_the_named_sockets(tmp_path: Path) -> None:
+    web, other = free_port(), free_port()
+    config = daemon_section(tmp_path)
+    config += server("web", listen="systemd:web", handler="echo")
+    config += server("other", listen="systemd:other", handler="echo", concurrency="fork", workers=1)
+    proc = activated(
+        tmp_path,
+        config,
+        "-l",
+        f"127.0.0.1:{web}",
+        "--fdname=web",
+        "-l",
+        f"127.0.0.1:{other}",
+        "--fdname=other",
+    )
+    try:
+        # systemd-socket-activate holds the sockets and starts selectd on the first connection.
+        wait_for(lambda: (tmp_path / "activated.log").read_text().count("Listening on") == 2)
+        assert echo_roundtrip(web, b"activated\n") == b"activated\n"
+        assert echo_roundtrip(other, b"forked\n") == b"forked\n"
+        status = _control(tmp_path, "status")["result"]["servers"]
+        assert status["web"]["listen"] == "systemd:web"
+        assert status["web"]["address"] == f"127.0.0.1:{web}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "activated.log").read_text()
+    assert "LISTEN_FDS" not in log
+
+
+@needs_activate
+@pytest.mark.parametrize(
+    ("listen_args", "config_keys", "message"),
+    [
+        (("--fdname=web",), {"listen": "systemd:nope"}, "no socket named 'nope'"),
+        (("--datagram", "--fdname=web"), {"listen": "systemd:web"}, "is a datagram socket"),
+    ],
+)
+def test_socket_activation_mismatch_is_a_clear_error(
+    tmp_path: Path, listen_args: tuple[str, ...], config_keys: dict[str, str], message: str
+) -> None:
+    port = free_port(socket.SOCK_DGRAM if "--datagram" in listen_args else socket.SOCK_STREAM)
+    config = daemon_section(tmp_path) + server("web", handler="echo", **config_keys)
+    proc = activated(tmp_path, config, "-l", f"127.0.0.1:{port}", *listen_args)
+    try:
+        kind = socket.SOCK_DGRAM if "--datagram" in listen_args else socket.SOCK_STREAM
+        wait_for(lambda: "Listening on" in (tmp_path / "activated.log").read_text())
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.settimeout(1)
+            s.connect(("127.0.0.1", port))
+            s.send(b"wake up\n")  # the first packet starts selectd
+        wait_for(lambda: message in (tmp_path / "activated.log").read_text(), 15)
+        assert proc.wait(15) == 1
+        assert "Traceback" not in (tmp_path / "activated.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _control(tmp_path: Path, command: str) -> dict:
+    import json
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(f"{tmp_path}/control.sock")
+        s.sendall(json.dumps({"command": command}).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())
