@@ -153,6 +153,12 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
+_recv = socket.socket.recv
+_recv_into = socket.socket.recv_into
+_send = socket.socket.send
+_sendall = socket.socket.sendall
+
+
 class IOTimeoutSocket(socket.socket):
     """A connection whose SO_RCVTIMEO/SO_SNDTIMEO expiry raises TimeoutError, as settimeout()'s
     would, instead of surfacing as EAGAIN.
@@ -161,32 +167,33 @@ class IOTimeoutSocket(socket.socket):
     files treat EAGAIN as "no data yet": rfile.readline() would hand a stalled client's half line
     to the handler as if it were whole. Raising TimeoutError keeps the stdlib's semantics (the
     handler fails on a timeout) at the cost of one Python call per I/O, which is far less than
-    the poll() that settimeout() adds to every recv.
+    the poll() that settimeout() adds to every recv. (The C methods are bound once, above: a
+    super() lookup per call would cost as much again.)
     """
 
     __slots__ = ()
 
     def recv(self, *args: Any) -> bytes:
         try:
-            return super().recv(*args)
+            return _recv(self, *args)
         except BlockingIOError:
             raise TimeoutError("timed out") from None
 
     def recv_into(self, *args: Any) -> int:
         try:
-            return super().recv_into(*args)
+            return _recv_into(self, *args)
         except BlockingIOError:
             raise TimeoutError("timed out") from None
 
     def send(self, *args: Any) -> int:
         try:
-            return super().send(*args)
+            return _send(self, *args)
         except BlockingIOError:
             raise TimeoutError("timed out") from None
 
     def sendall(self, *args: Any) -> None:
         try:
-            super().sendall(*args)
+            _sendall(self, *args)
         except BlockingIOError:
             raise TimeoutError("timed out") from None
 
@@ -257,6 +264,10 @@ class ManagedMixIn:
             self.address_family == socket.AF_UNIX
         )
         handler = config.handler_class() if config.command is None else servers.BaseRequestHandler
+        # A handler that already takes EAGAIN for a timeout (the built-ins do) gets the plain
+        # socket, and its I/O costs nothing extra.
+        plain = not self._io_timeout or getattr(handler, "eagain_is_timeout", False)
+        self._connection_class = socket.socket if plain else IOTimeoutSocket
         address = "" if config.listen.kind == "systemd" else config.listen.sockaddr()
         super().__init__(address, handler, bind_and_activate)  # type: ignore[call-arg]
 
@@ -320,8 +331,7 @@ class ManagedMixIn:
 
     def connection(self, fd: int) -> socket.socket:
         """The socket object for a connection's descriptor (accepted here or handed over)."""
-        cls = IOTimeoutSocket if self._io_timeout else socket.socket
-        return cls(self.address_family, self.socket_type, 0, fileno=fd)
+        return self._connection_class(self.address_family, self.socket_type, 0, fileno=fd)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.acl.admits(client_address):

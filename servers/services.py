@@ -55,7 +55,15 @@ def time_bytes(now: float | None = None) -> bytes:
     return (seconds % 2**32).to_bytes(4, "big")
 
 
-class EchoStreamHandler(BaseRequestHandler):
+class _StreamService(BaseRequestHandler):
+    """A built-in stream service. It talks to the socket directly and takes EAGAIN, which is
+    what an expired SO_RCVTIMEO/SO_SNDTIMEO gives on a blocking socket, for the timeout it is;
+    a server that enforces timeouts that way can hand it the socket as it is."""
+
+    eagain_is_timeout = True
+
+
+class EchoStreamHandler(_StreamService):
     """RFC 862: send back everything received, until the client closes."""
 
     def handle(self) -> None:
@@ -75,7 +83,7 @@ class EchoDatagramHandler(BaseRequestHandler):
         sock.sendto(data, self.client_address)
 
 
-class DiscardStreamHandler(BaseRequestHandler):
+class DiscardStreamHandler(_StreamService):
     """RFC 863: read and throw away everything, until the client closes."""
 
     def handle(self) -> None:
@@ -91,7 +99,7 @@ class DiscardDatagramHandler(BaseRequestHandler):
     """RFC 863: throw the datagram away; no reply."""
 
 
-class ChargenStreamHandler(BaseRequestHandler):
+class ChargenStreamHandler(_StreamService):
     """RFC 864: send the rotating character pattern until the client closes."""
 
     def handle(self) -> None:
@@ -113,7 +121,7 @@ class ChargenDatagramHandler(BaseRequestHandler):
         sock.sendto(lines[:size], self.client_address)
 
 
-class DaytimeStreamHandler(BaseRequestHandler):
+class DaytimeStreamHandler(_StreamService):
     """RFC 867: send the date and time as text, then close."""
 
     def handle(self) -> None:
@@ -131,7 +139,7 @@ class DaytimeDatagramHandler(BaseRequestHandler):
         sock.sendto(daytime_text(), self.client_address)
 
 
-class TimeStreamHandler(BaseRequestHandler):
+class TimeStreamHandler(_StreamService):
     """RFC 868: send the time as 4 bytes, then close."""
 
     def handle(self) -> None:

@@ -1,0 +1,273 @@
+"""Command line: run selectd and its peers side by side and report.
+
+Usage:
+
+    python3 scripts/bench.py                     # full run: throughput (32 clients) + scale
+    python3 scripts/bench.py --quick             # ~15 s smoke run for CI
+    python3 scripts/bench.py --only ThreadingTCPServer,selectd-thread --repeats 5
+    python3 scripts/bench.py --sweep             # clients 1, 8, 32, 128
+    python3 scripts/bench.py --scale             # the idle and scale section only
+
+Results go to --results DIR (default results/bench-<timestamp>/): results.json and results.md.
+Exit status: 0 when the run completed (skipped targets are notes, not failures), 2 when it could
+not run at all (no C compiler, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .loadgen import LoadgenError, build_loadgen, default_source_addrs
+from .ports import PortAllocator
+from .proctree import become_subreaper, machine_busy_pct, reap_orphans
+from .report import (
+    markdown_report,
+    ratio_lines,
+    scale_table,
+    summarize,
+    throughput_table,
+    warning_lines,
+    write_results,
+)
+from .scale import ScalePlan, run_scale
+from .selectd import FORK_WORKERS, THREAD_WORKERS, SelectdTarget
+from .targets import REPO_DIR, PeerTarget, Target
+from .throughput import OTHER_BUSY_PCT, LoadPlan, run_throughput
+from .xinetd import XinetdTarget
+
+HOST = "127.0.0.1"
+SWEEP_CLIENTS = (1, 8, 32, 128)
+SCALE_SIZES = (10, 100, 1000)
+QUICK_TARGETS = ("ThreadingTCPServer", "asyncio", "selectd-thread", "selectd-fork")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run does, resolved from the arguments."""
+
+    plan: LoadPlan
+    only: tuple[str, ...] | None  # target names, lower-cased; None: all
+    throughput: bool
+    scale_sizes: tuple[int, ...]
+    scale_plan: ScalePlan
+    results: Path
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description="Benchmark selectd against stdlib and xinetd peers."
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny CI run (~15 s)")
+    parser.add_argument("--only", help="comma-separated target names (case-insensitive)")
+    parser.add_argument("--results", type=Path, help="output directory")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (5; quick 0.5)")
+    parser.add_argument("--repeats", type=int, help="A/B rounds (3; quick 1)")
+    parser.add_argument("--clients", type=int, help="concurrent clients (32; quick 4)")
+    parser.add_argument("--sweep", action="store_true", help="clients 1, 8, 32, 128")
+    parser.add_argument("--line-bytes", type=int, default=64, help="bytes per line (64)")
+    parser.add_argument("--loadgen-threads", type=int, default=1, help="generator threads (1)")
+    parser.add_argument(
+        "--source-addrs",
+        type=int,
+        help="spread connections over 127.0.0.1..K (default: 1, or 16 if tcp_tw_reuse is 0)",
+    )
+    section = parser.add_mutually_exclusive_group()
+    section.add_argument("--scale", action="store_true", help="only the idle and scale section")
+    section.add_argument("--no-scale", action="store_true", help="skip the idle and scale section")
+    args = parser.parse_args(argv)
+    for name in ("duration", "repeats", "clients", "line_bytes", "loadgen_threads", "source_addrs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    quick = args.quick
+    if args.sweep:
+        clients: tuple[int, ...] = SWEEP_CLIENTS
+    else:
+        clients = (args.clients or (4 if quick else 32),)
+    plan = LoadPlan(
+        clients=clients,
+        repeats=args.repeats or (1 if quick else 3),
+        duration=args.duration or (0.5 if quick else 5.0),
+        warmup=0.2 if quick else 0.5,
+        disturbed_retries=0 if quick else 2,  # quick stays bounded for CI
+        line_bytes=args.line_bytes,
+        loadgen_threads=args.loadgen_threads,
+        source_addrs=args.source_addrs or default_source_addrs(),
+    )
+    only: tuple[str, ...] | None = None
+    if args.only:
+        only = tuple(n.strip().lower() for n in args.only.split(",") if n.strip())
+    elif quick:
+        only = tuple(n.lower() for n in QUICK_TARGETS)
+    # The scale section runs in a full run, with --scale, and in --quick (N=10 only); not when
+    # --only narrows the run to some targets, unless --scale asks for it.
+    run_scale_section = args.scale or (not args.no_scale and (quick or args.only is None))
+    scale_plan = (
+        ScalePlan(settle=0.2, idle=0.5, dispatch_duration=0.5, warmup=0.2)
+        if quick
+        else ScalePlan(dispatch_duration=args.duration or 3.0)
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Settings(
+        plan=plan,
+        only=only,
+        throughput=not args.scale,
+        scale_sizes=((10,) if quick else SCALE_SIZES) if run_scale_section else (),
+        scale_plan=scale_plan,
+        results=args.results or REPO_DIR / "results" / f"bench-{stamp}",
+    )
+
+
+def throughput_targets(ports: PortAllocator, only: tuple[str, ...] | None) -> list[Target]:
+    """The throughput section's targets, in their first-repeat order, filtered by --only."""
+    targets: list[Target] = [
+        SelectdTarget("selectd-thread", ports, concurrency="thread", workers=THREAD_WORKERS),
+        SelectdTarget("selectd-fork", ports, concurrency="fork", workers=FORK_WORKERS),
+        PeerTarget("ThreadingTCPServer", "threading", ports),
+        PeerTarget("ForkingTCPServer", "forking", ports),
+        PeerTarget("asyncio", "asyncio", ports),
+        XinetdTarget(ports),
+    ]
+    if only is None:
+        return targets
+    unknown = set(only) - {t.name.lower() for t in targets}
+    if unknown:
+        print(f"bench: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+        raise SystemExit(2)
+    return [t for t in targets if t.name.lower() in only]
+
+
+def raise_nofile_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit, for us and every child (N=1000 listeners)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # Unwind through the finally blocks that stop the targets, as Ctrl-C does.
+    raise SystemExit(128 + signum)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "host": f"{platform.node()} {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load": "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = settings_from(args)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    subreaper = become_subreaper()
+    nofile = raise_nofile_limit()
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        print(f"note: {text}", flush=True)
+
+    def progress(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        binary = build_loadgen()
+    except LoadgenError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    meta_start = machine()
+    baseline = machine_busy_pct(0.3 if args.quick else 1.0)
+    if baseline > OTHER_BUSY_PCT:
+        note(
+            f"the machine is busy before the run: {baseline:.0f}% of a core in use; "
+            "figures will vary more than usual"
+        )
+    ports = PortAllocator(HOST)
+    plan = settings.plan
+    records: list[dict[str, Any]] = []
+    scale_records: list[dict[str, Any]] = []
+    clock = time.monotonic()
+    try:
+        if settings.throughput:
+            targets = throughput_targets(ports, settings.only)
+            print(
+                f"throughput: {len(targets)} targets x {plan.repeats} repeats, modes "
+                f"{'/'.join(plan.modes)}, clients {','.join(map(str, plan.clients))}, "
+                f"{plan.duration:g} s each, {plan.line_bytes} B lines",
+                flush=True,
+            )
+            records = run_throughput(targets, plan, binary, note, progress, HOST)
+        if settings.scale_sizes:
+            print(f"scale: N = {', '.join(map(str, settings.scale_sizes))}", flush=True)
+            scale_records = run_scale(
+                settings.scale_sizes, ports, binary, settings.scale_plan, note, progress, HOST
+            )
+    finally:
+        reap_orphans()
+
+    summary = summarize(records)
+    for warning in warning_lines(summary):
+        note(warning)
+    meta = {
+        "started": started,
+        "elapsed_s": round(time.monotonic() - clock, 1),
+        **meta_start,
+        "load_after": machine()["load"],
+        "busy_before_pct": round(baseline, 1),
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "plan": {
+            "modes": plan.modes,
+            "clients": plan.clients,
+            "repeats": plan.repeats,
+            "duration_s": plan.duration,
+            "warmup_s": plan.warmup,
+            "line_bytes": plan.line_bytes,
+            "loadgen_threads": plan.loadgen_threads,
+            "source_addrs": plan.source_addrs,
+            "scale_sizes": settings.scale_sizes,
+        },
+        "loadgen": str(binary),
+        "subreaper": subreaper,
+        "nofile": nofile,
+    }
+    print()
+    print(throughput_table(summary))
+    print()
+    for line in ratio_lines(summary) or ["selectd/peer ratios: no selectd figures (see notes)"]:
+        print(line)
+    if scale_records:
+        print()
+        print(scale_table(scale_records))
+    payload = {
+        "meta": meta,
+        "runs": records,
+        "summary": summary,
+        "ratios": ratio_lines(summary),
+        "scale": scale_records,
+        "notes": notes,
+    }
+    json_path, md_path = write_results(
+        settings.results, payload, markdown_report(meta, summary, scale_records, notes)
+    )
+    print(f"\nresults: {json_path} {md_path}")
+    return 0

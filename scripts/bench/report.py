@@ -1,0 +1,288 @@
+"""Turn run records into figures: medians with ranges, selectd/peer ratios, tables and files.
+
+Usage:
+
+    summary = summarize(records)                # one row per (target, mode, clients)
+    lines = ratio_lines(summary)  # ["selectd-thread conn/s vs ThreadingTCPServer: 2.3x ...", ...]
+    print(throughput_table(summary))
+    write_results(results_dir, payload, markdown)
+
+Each figure of a row is {"median", "min", "max"} over the repeats; errors are summed, and
+per-connection ops keep the worst minimum (0 means some client was never served).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .targets import PEER, SELECTD
+from .throughput import OTHER_BUSY_PCT
+
+# A run or summary row as stored in results.json: JSON values, read by key.
+Record = dict[str, Any]
+
+# Above this share of one core per generator thread the generator may be what limits the
+# figure rather than the server.
+LOADGEN_HOT_PCT = 70.0
+
+_FIGURES = (
+    "ops_per_sec",
+    "p50_us",
+    "p99_us",
+    "server_cpu_pct",
+    "loadgen_cpu_pct",
+    "other_cpu_pct",
+)
+_UNITS = {"conn": "conn/s", "rtt": "rtt/s"}
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 1),
+        "min": round(min(values), 1),
+        "max": round(max(values), 1),
+    }
+
+
+def summarize(records: Iterable[Record]) -> list[Record]:
+    """Group runs by (target, mode, clients), in first-seen order, and reduce each group."""
+    groups: dict[tuple[object, object, object], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r["target"], r["mode"], r["clients"]), []).append(r)
+    rows = []
+    for (target, mode, clients), runs in groups.items():
+        row: Record = {
+            "target": target,
+            "kind": runs[0]["kind"],
+            "mode": mode,
+            "clients": clients,
+            "runs": len(runs),
+        }
+        for figure in _FIGURES:
+            row[figure] = _spread([float(r[figure]) for r in runs])
+        row["errors_total"] = sum(int(r["errors_total"]) for r in runs)
+        row["per_conn_min"] = min(int(r["per_conn_min"]) for r in runs)
+        row["per_conn_max"] = max(int(r["per_conn_max"]) for r in runs)
+        row["starved_max"] = max(int(r["starved"]) for r in runs)
+        row["loadgen_hot"] = any(
+            float(r["loadgen_cpu_pct"]) > LOADGEN_HOT_PCT * int(r["loadgen_threads"]) for r in runs
+        )
+        rows.append(row)
+    return rows
+
+
+def _median(row: Record, figure: str) -> float:
+    spread = row[figure]
+    assert isinstance(spread, dict)
+    return float(spread["median"])
+
+
+def ratios(summary: Sequence[Record]) -> list[Record]:
+    """selectd/peer ratio of median ops/s for every selectd target, peer, mode and client count."""
+    out = []
+    for s in (r for r in summary if r["kind"] == SELECTD):
+        for p in (r for r in summary if r["kind"] == PEER):
+            if (s["mode"], s["clients"]) != (p["mode"], p["clients"]):
+                continue
+            peer_ops = _median(p, "ops_per_sec")
+            out.append(
+                {
+                    "selectd": s["target"],
+                    "peer": p["target"],
+                    "mode": s["mode"],
+                    "clients": s["clients"],
+                    "ratio": round(_median(s, "ops_per_sec") / peer_ops, 2) if peer_ops else None,
+                    "selectd_starved": s["starved_max"],
+                    "peer_starved": p["starved_max"],
+                }
+            )
+    return out
+
+
+def ratio_lines(summary: Sequence[Record]) -> list[str]:
+    """One line per ratio: "selectd-thread conn/s vs ThreadingTCPServer: 2.30x (32 clients)"."""
+    lines = []
+    for r in ratios(summary):
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        unit = _UNITS.get(str(r["mode"]), str(r["mode"]))
+        caveats = [f"{r['clients']} client{'s' if r['clients'] != 1 else ''}"]
+        # A server that leaves clients unserved can post a high rate from the ones it serves.
+        for side in ("selectd", "peer"):
+            if r[f"{side}_starved"]:
+                caveats.append(f"{r[side]} left {r[f'{side}_starved']} unserved")
+        lines.append(f"{r['selectd']} {unit} vs {r['peer']}: {ratio} ({'; '.join(caveats)})")
+    return lines
+
+
+def warning_lines(summary: Sequence[Record]) -> list[str]:
+    """Warnings for rows whose figures may not be the server's alone."""
+    out = []
+    for r in summary:
+        what = f"{r['target']} {r['mode']} c={r['clients']}"
+        if r["loadgen_hot"]:
+            out.append(
+                f"warning: {what}: the load generator used up to "
+                f"{r['loadgen_cpu_pct']['max']:.0f}% of a core (over {LOADGEN_HOT_PCT:.0f}% "
+                "per thread): it may be the bottleneck"
+            )
+        if r["other_cpu_pct"]["max"] > OTHER_BUSY_PCT:
+            out.append(
+                f"warning: {what}: other processes used up to {r['other_cpu_pct']['max']:.0f}% "
+                "of a core during a run: the machine was not quiet"
+            )
+        if r["starved_max"]:
+            out.append(
+                f"warning: {what}: {r['starved_max']} of {r['clients']} clients got no reply "
+                "in a run (per-connection min 0)"
+            )
+    return out
+
+
+def _fmt_spread(spread: object, digits: int = 0) -> str:
+    assert isinstance(spread, dict)
+    med, lo, hi = spread["median"], spread["min"], spread["max"]
+    if lo == hi:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+
+
+_THROUGHPUT_HEAD = (
+    "target",
+    "mode",
+    "clients",
+    "ops/s median [min-max]",
+    "p50 us",
+    "p99 us",
+    "errors",
+    "per-conn min/max",
+    "server CPU%",
+    "loadgen CPU%",
+    "other CPU%",
+)
+
+
+def _throughput_rows(summary: Sequence[Record]) -> list[tuple[str, ...]]:
+    return [
+        (
+            str(r["target"]),
+            _UNITS.get(str(r["mode"]), str(r["mode"])),
+            str(r["clients"]),
+            _fmt_spread(r["ops_per_sec"]),
+            _fmt_spread(r["p50_us"]),
+            _fmt_spread(r["p99_us"]),
+            str(r["errors_total"]),
+            f"{r['per_conn_min']}/{r['per_conn_max']}",
+            _fmt_spread(r["server_cpu_pct"]),
+            _fmt_spread(r["loadgen_cpu_pct"]) + (" !" if r["loadgen_hot"] else ""),
+            _fmt_spread(r["other_cpu_pct"]),
+        )
+        for r in summary
+    ]
+
+
+_SCALE_HEAD = (
+    "N",
+    "target",
+    "ready ms",
+    "RSS MB",
+    "PSS MB",
+    "threads",
+    "idle CPU%",
+    "wake-ups/s",
+    "rtt/s (1 client)",
+    "rtt p50 us",
+    "rtt p99 us",
+)
+
+
+def _scale_rows(records: Sequence[Record]) -> list[tuple[str, ...]]:
+    return [
+        (
+            str(r["n"]),
+            str(r["target"]),
+            f"{float(r['ready_s']) * 1000:.1f}",
+            f"{r['rss_mb']:.1f}",
+            f"{r['pss_mb']:.1f}",
+            str(r["threads"]),
+            f"{r['idle_cpu_pct']:.2f}",
+            f"{r['wakeups_per_s']:.1f}",
+            f"{r['rtt_per_sec']:.0f}",
+            f"{r['rtt_p50_us']:.0f}",
+            f"{r['rtt_p99_us']:.0f}",
+        )
+        for r in records
+    ]
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if c[:1].isdigit() else c.ljust(w)
+            for c, w in zip(cells, widths, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def throughput_table(summary: Sequence[Record], markdown: bool = False) -> str:
+    table = markdown_table if markdown else text_table
+    return table(_THROUGHPUT_HEAD, _throughput_rows(summary)) if summary else "(no runs)"
+
+
+def scale_table(records: Sequence[Record], markdown: bool = False) -> str:
+    table = markdown_table if markdown else text_table
+    return table(_SCALE_HEAD, _scale_rows(records)) if records else "(no runs)"
+
+
+def markdown_report(
+    meta: Record, summary: Sequence[Record], scale: Sequence[Record], notes: Sequence[str]
+) -> str:
+    """The whole report as markdown: setup, throughput, ratios, scale, notes."""
+    parts = [
+        f"# selectd benchmark {meta['started']}",
+        "",
+        f"Host: {meta['host']}. Before the run: {meta['load']}, "
+        f"{meta['busy_before_pct']:.0f}% of a core busy.",
+        f"Options: {' '.join(meta['argv']) or '(none)'}.",
+        "",
+        "## Throughput",
+        "",
+        throughput_table(summary, markdown=True),
+        "",
+        "CPU% is percent of one core over the measured window; the server's includes all its "
+        "children. `other` is the rest of the machine (other processes, kernel softirq work). "
+        "`!` marks runs where the load generator used more than "
+        f"{LOADGEN_HOT_PCT:.0f}% of a core per thread.",
+        "",
+        "## selectd / peer",
+        "",
+        *(f"- {line}" for line in ratio_lines(summary) or ["(no selectd figures)"]),
+        "",
+    ]
+    if scale:
+        parts += ["## Idle and scale", "", scale_table(scale, markdown=True), ""]
+    if notes:
+        parts += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(parts)
+
+
+def write_results(directory: Path, payload: Record, markdown: str) -> tuple[Path, Path]:
+    """Write results.json and results.md into directory (created); return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = directory / "results.json", directory / "results.md"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path.write_text(markdown)
+    return json_path, md_path

@@ -1,0 +1,205 @@
+"""The throughput section: every target under the same load, alternating A/B over repeats.
+
+Usage:
+
+    plan = LoadPlan(modes=("conn", "rtt"), clients=(32,), repeats=3, duration=5.0)
+    records = run_throughput(targets, plan, loadgen_binary, note=print)
+
+For repeat r the targets run in an order rotated by r, so a slow drift of the machine (thermal,
+a neighbour's load) is spread over all targets instead of landing on whichever ran last. Each
+target is started afresh per repeat, then serves every (clients, mode) of the plan.
+
+One record per run: the generator's figures plus the server's CPU over the measured window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .loadgen import LoadgenError, LoadSpec, run_loadgen
+from .proctree import ProcessTree, TreeSample, system_busy_s, wait_until_quiet
+from .targets import Running, Target, TargetUnavailable
+
+Record = dict[str, Any]  # as stored in results.json
+Note = Callable[[str], None]
+
+# Above this share of one core used by neither server nor generator, a run counts as disturbed
+# by the rest of the machine (some of it is the kernel's own softirq work, so it is rarely 0).
+OTHER_BUSY_PCT = 25.0
+# How long to wait for the machine to calm down before running a disturbed run again.
+QUIET_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What each target is put through, and how often."""
+
+    modes: tuple[str, ...] = ("conn", "rtt")
+    clients: tuple[int, ...] = (32,)
+    repeats: int = 3
+    duration: float = 5.0
+    warmup: float = 0.5
+    line_bytes: int = 64
+    loadgen_threads: int = 1
+    source_addrs: int = 1
+    disturbed_retries: int = 2  # runs again a run that other processes disturbed, this often
+
+    def spec(self, mode: str, clients: int) -> LoadSpec:
+        return LoadSpec(
+            mode=mode,
+            clients=clients,
+            duration=self.duration,
+            warmup=self.warmup,
+            line_bytes=self.line_bytes,
+            threads=self.loadgen_threads,
+            source_addrs=self.source_addrs,
+        )
+
+
+def rotated(items: Sequence[Target], by: int) -> list[Target]:
+    """items rotated left by `by` places: the A/B order of one repeat."""
+    if not items:
+        return []
+    k = by % len(items)
+    return [*items[k:], *items[:k]]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One generator run and the CPU use around it, in percent of one core."""
+
+    result: dict[str, Any]  # the generator's JSON line
+    server_cpu_pct: float
+    machine_cpu_pct: float  # every process on the machine, generator and server included
+
+    @property
+    def other_cpu_pct(self) -> float:
+        """CPU used by neither server nor generator: disturbance from the rest of the machine."""
+        other = self.machine_cpu_pct - self.server_cpu_pct - float(self.result["cpu_pct"])
+        return max(0.0, other)
+
+
+def measure(binary: Path, host: str, running: Running, spec: LoadSpec) -> Measured:
+    """One generator run against a started target, with the server's CPU over its window."""
+    tree = ProcessTree(running.pid)
+    samples: dict[str, tuple[TreeSample, float]] = {}
+
+    def on_window(event: str) -> None:
+        samples[event] = (tree.sample(), system_busy_s())
+
+    result = run_loadgen(binary, host, running.port, spec, on_window=on_window)
+    if "start" not in samples or "end" not in samples:
+        return Measured(result, 0.0, 0.0)
+    (tree0, busy0), (tree1, busy1) = samples["start"], samples["end"]
+    wall = tree1.at - tree0.at
+    machine = 100.0 * (busy1 - busy0) / wall if wall > 0 else 0.0
+    return Measured(result, tree1.cpu_pct_since(tree0), machine)
+
+
+def measure_undisturbed(
+    binary: Path, host: str, running: Running, spec: LoadSpec, retries: int, progress: Note
+) -> tuple[Measured, int]:
+    """measure(), run again (up to retries times) while other processes disturb it.
+
+    On a shared machine a neighbour's burst can halve a figure; the report still flags a run
+    that stayed disturbed. Returns the last measurement and how many runs it took.
+    """
+    for attempt in range(retries + 1):
+        measured = measure(binary, host, running, spec)
+        if measured.other_cpu_pct <= OTHER_BUSY_PCT or attempt == retries:
+            break
+        busy = wait_until_quiet(OTHER_BUSY_PCT, QUIET_WAIT)
+        progress(
+            f"  (other processes used {measured.other_cpu_pct:.0f}% of a core during the run; "
+            f"now {busy:.0f}%: running it again)"
+        )
+    return measured, attempt + 1
+
+
+def to_record(target: Target, repeat: int, measured: Measured) -> Record:
+    """Flatten one run into the record stored in results.json."""
+    result = measured.result
+    latency, per_conn = result["latency_us"], result["per_conn_ops"]
+    return {
+        "target": target.name,
+        "kind": target.kind,
+        "mode": result["mode"],
+        "clients": result["clients"],
+        "repeat": repeat,
+        "duration_s": result["duration_s"],
+        "ops": result["ops"],
+        "ops_per_sec": result["ops_per_sec"],
+        "p50_us": latency["p50"],
+        "p99_us": latency["p99"],
+        "max_us": latency["max"],
+        "errors_total": result["errors_total"],
+        "errors": result["errors"],
+        "warmup_errors": result["warmup_errors"],
+        "per_conn_min": per_conn["min"],
+        "per_conn_max": per_conn["max"],
+        "starved": per_conn["starved"],
+        "server_cpu_pct": round(measured.server_cpu_pct, 1),
+        "loadgen_cpu_pct": result["cpu_pct"],
+        "other_cpu_pct": round(measured.other_cpu_pct, 1),
+        "loadgen_threads": result["threads"],
+    }
+
+
+def run_throughput(
+    targets: Sequence[Target],
+    plan: LoadPlan,
+    binary: Path,
+    note: Note,
+    progress: Note,
+    host: str = "127.0.0.1",
+) -> list[Record]:
+    """Run the plan over every available target; targets that fail are skipped with a note."""
+    active = []
+    for target in targets:
+        if reason := target.unavailable():
+            note(f"{target.name}: skipped: {reason}")
+        else:
+            active.append(target)
+    records: list[Record] = []
+    failed: set[str] = set()
+    for repeat in range(1, plan.repeats + 1):
+        for target in rotated(active, repeat - 1):
+            if target.name in failed:
+                continue
+            try:
+                running = target.start()
+            except TargetUnavailable as exc:
+                note(f"{target.name}: skipped: did not come up: {exc}")
+                failed.add(target.name)
+                continue
+            try:
+                for clients in plan.clients:
+                    for mode in plan.modes:
+                        spec = plan.spec(mode, clients)
+                        try:
+                            measured, tries = measure_undisturbed(
+                                binary, host, running, spec, plan.disturbed_retries, progress
+                            )
+                        except LoadgenError as exc:
+                            note(f"{target.name} {mode} c={clients} repeat {repeat}: {exc}")
+                            continue
+                        record = to_record(target, repeat, measured)
+                        record["tries"] = tries
+                        records.append(record)
+                        progress(_progress_line(record))
+            finally:
+                target.stop()
+    return records
+
+
+def _progress_line(r: Record) -> str:
+    return (
+        f"  [{r['repeat']}] {r['target']:<20} {r['mode']:<4} c={r['clients']:<4}"
+        f" {r['ops_per_sec']:>10.0f}/s  p50 {r['p50_us']:>8.0f}us  p99 {r['p99_us']:>8.0f}us"
+        f"  err {r['errors_total']}  min/max {r['per_conn_min']}/{r['per_conn_max']}"
+        f"  cpu srv {r['server_cpu_pct']:.0f}% gen {r['loadgen_cpu_pct']:.0f}%"
+        f" other {r['other_cpu_pct']:.0f}%"
+    )

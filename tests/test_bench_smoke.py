@@ -1,0 +1,68 @@
+"""Smoke test of the benchmark: `scripts/bench.py --quick` runs, reports, and cleans up.
+
+It exercises the load generator's build, both load modes and the results files; it checks the
+stdlib ThreadingTCPServer peer's figures only, since selectd targets are skipped while the daemon
+cannot start. Every process the benchmark starts inherits a marker in its environment, so the
+test can tell whether any of them outlived the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "scripts" / "bench.py"
+MARK = "SELECTD_BENCH_SMOKE_RUN"
+
+
+def marked_processes(token: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose environment carries MARK=token."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(MARK) == token and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler to build the load generator (scripts/bench/loadgen.c)")
+    token = uuid.uuid4().hex
+    results = tmp_path / "results"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(BENCH), "--quick", "--results", str(results)],
+            env={**os.environ, MARK: token},
+            capture_output=True,
+            text=True,
+            timeout=100,  # under pytest's own 120 s, so a hang fails here with its output
+            check=False,
+        )
+    finally:
+        leftover = marked_processes(token)
+        for p in leftover:
+            p.kill()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not leftover, f"still running after the benchmark: {leftover}"
+
+    data = json.loads((results / "results.json").read_text())
+    assert (results / "results.md").read_text().startswith("# selectd benchmark")
+    runs = [r for r in data["runs"] if r["target"] == "ThreadingTCPServer"]
+    assert {r["mode"] for r in runs} == {"conn", "rtt"}
+    for run in runs:
+        assert run["ops"] > 0, run
+        assert run["errors_total"] == 0, run
+        assert run["per_conn_min"] > 0, run  # every client was served
+    assert any(r["target"] == "ThreadingTCPServer" for r in data["scale"])
