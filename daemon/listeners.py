@@ -50,6 +50,15 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+class Phase(enum.Enum):
+    """The daemon's lifecycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
 class Dispatcher(Protocol):
     """How a server runs its requests: inline, in a thread pool, or in a fork pool."""
 

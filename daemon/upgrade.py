@@ -20,6 +20,12 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
+
+from .errors import DaemonError
+from .log import get_logger
+
+log = get_logger()
 
 READY_FD_ENV = "SELECTD_READY_FD"
 UPGRADE_FROM_ENV = "SELECTD_UPGRADE_FROM"
@@ -146,3 +152,78 @@ class PendingUpgrade:
             os.close(self.ready_fd)
         except OSError:
             pass
+
+
+class UpgradeMixIn:
+    """The old daemon's side of an upgrade, mixed into the Supervisor (which provides the loop
+    plumbing: watch, unwatch, own_pid, call_later, begin_shutdown, and the attributes below)."""
+
+    phase: Any
+    units: dict[str, Any]
+    control: Any
+    metrics_server: Any
+    notifier: Any
+    _pids: dict[int, Any]
+    _pending_upgrade: PendingUpgrade | None
+    _handing_off: bool
+    watch: Callable[..., None]
+    unwatch: Callable[[int], None]
+    own_pid: Callable[[int, Callable[[int, int], None]], None]
+    call_later: Callable[[float, Callable[[], None]], Any]
+    begin_shutdown: Callable[..., None]
+
+    def _on_sigusr2(self) -> None:
+        try:
+            self.upgrade()
+        except DaemonError as exc:
+            log.error("upgrade_failed", reason=str(exc))
+
+    def upgrade(self) -> int:
+        """Start a successor with every listening socket; it takes over once ready. Its pid."""
+        if self.phase.value != "running":
+            raise DaemonError(f"cannot upgrade while {self.phase.value}")
+        if self._pending_upgrade is not None:
+            raise DaemonError(f"an upgrade is under way (new pid {self._pending_upgrade.pid})")
+        sockets: list[tuple[str, socket.socket]] = []
+        for unit in self.units.values():
+            if unit.server is not None:
+                listen = unit.config.listen
+                name = listen.name if listen.kind == "systemd" else SERVER_PREFIX + unit.name
+                sockets.append((name, unit.server.socket))
+        if self.control is not None:
+            sockets.append((CONTROL_NAME, self.control.socket))
+        if self.metrics_server is not None:
+            sockets.append((METRICS_NAME, self.metrics_server.socket))
+        try:
+            pid, ready_fd = spawn_successor(sockets)
+        except OSError as exc:
+            raise DaemonError(f"cannot start the new process: {exc.strerror or exc}") from exc
+        pending = PendingUpgrade(
+            pid, ready_fd, self.unwatch, self._upgrade_ready, self._upgrade_failed
+        )
+        self._pending_upgrade = pending
+        self.watch(ready_fd, pending.readable)
+        self.own_pid(pid, lambda _pid, status: pending.exited(status))
+        self.call_later(READY_TIMEOUT, pending.timed_out)
+        log.info("upgrade_begun", new_pid=pid)
+        return pid
+
+    def _upgrade_ready(self, pid: int) -> None:
+        log.info("upgrade_ready", new_pid=pid)
+        self.notifier.mainpid(pid)
+        # The successor is a child of ours only by accident of fork: once we exit it belongs to
+        # init (or systemd); we must not wait for it, nor reap it as a worker.
+        self._pids.pop(pid, None)
+        self._pending_upgrade = None
+        self._handing_off = True
+        if self.control is not None:
+            self.control.disown_path()
+        if self.metrics_server is not None:
+            self.unwatch(self.metrics_server.fileno())
+            self.metrics_server.server_close()
+            self.metrics_server = None
+        self.begin_shutdown()
+
+    def _upgrade_failed(self, reason: str) -> None:
+        log.error("upgrade_failed", reason=reason)
+        self._pending_upgrade = None
