@@ -256,7 +256,7 @@ def networks(value: Any) -> tuple[Network, ...]:
             problems.append((f"[{i}]", message))
             continue
         try:
-            out.append(ipaddress.ip_network(item, strict=True))
+            network = ipaddress.ip_network(item, strict=True)
         except ValueError:
             try:
                 loose = ipaddress.ip_network(item, strict=False)
@@ -265,9 +265,24 @@ def networks(value: Any) -> tuple[Network, ...]:
             else:
                 message = f"{show(item)} has host bits set (the network is '{loose}')"
                 problems.append((f"[{i}]", message))
+            continue
+        out.append(_unmapped(network))
     if problems:
         raise Invalid.many(problems)
     return tuple(out)
+
+
+MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(network: Network) -> Network:
+    """An IPv4-mapped IPv6 network (::ffff:10.0.0.0/104) is the IPv4 network it maps: clients
+    arriving as ::ffff:10.1.2.3 are matched as 10.1.2.3, so that is how the rule must read."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(MAPPED):
+        address = network.network_address.ipv4_mapped
+        assert address is not None
+        return ipaddress.IPv4Network((address, network.prefixlen - 96))
+    return network
 
 
 # A count of things (requests, connections): large enough for anything, small enough for a C int.

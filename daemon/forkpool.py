@@ -61,6 +61,7 @@ class Worker:
         "client",
         "handed_at",
         "last_seen",
+        "lost",
         "pid",
         "retiring",
         "served",
@@ -72,6 +73,7 @@ class Worker:
         self.channel: socket.socket | None = channel
         self.busy = False
         self.client: Any = None  # the address of the request it is running
+        self.lost = False  # it went away in the middle of a request
         self.served = 0
         self.started = time.monotonic()
         self.handed_at = 0.0  # when the request it is running was handed over
@@ -160,6 +162,10 @@ class ForkPool:
         limits = self._limits()
 
         def child_main() -> None:
+            # The worker's copy of the server must not lead a handler back to the supervisor
+            # (self.server.dispatcher.host would be its copy of the control commands).
+            server.dispatcher = None  # type: ignore[assignment]
+            server.on_cps_exceeded = lambda: None
             worker_main(server.run_request, server.connection, child_end, limits)
 
         try:
@@ -251,6 +257,7 @@ class ForkPool:
             pass
         if worker.busy:
             worker.busy = False
+            worker.lost = True
             self.server.counters.finished(time.perf_counter() - worker.handed_at, True)
             self.server.request_finished(worker.client)
         if self.idle():
@@ -260,8 +267,8 @@ class ForkPool:
         worker = self._workers.pop(pid, None)
         if worker is None:
             return
-        lost = worker.busy
         self._channel_closed(worker)
+        lost = worker.lost
         code = os.waitstatus_to_exitcode(status)
         fields: dict[str, Any] = {"server": self.server.name, "worker_pid": pid}
         fields["served"] = worker.served

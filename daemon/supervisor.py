@@ -90,6 +90,9 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         self.metrics_server: MetricsServer | None = None
         self.sampler = ProcessSampler()
         self._wakeup = Wakeup()
+        # One descriptor held in reserve for the control socket when the process runs out.
+        self._spare_fd: int | None = None
+        self._reserve_spare_fd()
         self._signals: SignalWakeup | None = None
         self._pids: dict[int, Callable[[int, int], None]] = {}
         self._signal_actions: dict[int, Callable[[], None]] = {
@@ -180,7 +183,7 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
                 f"cannot create control socket {daemon.control_socket}: {exc.strerror or exc}"
             ) from exc
         control = self.control
-        self.watch(control.fileno(), lambda: self._take(control, CONTROL_BATCH))
+        self.watch(control.fileno(), lambda: self._on_side_listener(control))
         address = daemon.metrics_listen
         if address is None:
             return
@@ -197,7 +200,35 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
                 f"cannot bind daemon.metrics_listen to {address}: {exc.strerror or exc}"
             ) from exc
         metrics = self.metrics_server
-        self.watch(metrics.fileno(), lambda: self._take(metrics, CONTROL_BATCH))
+        self.watch(metrics.fileno(), lambda: self._on_side_listener(metrics))
+
+    def _on_side_listener(self, server: Any) -> None:
+        """The control or metrics listener is readable: take its connections; out of
+        descriptors, back off as the servers do, but first spend the spare descriptor kept for
+        this, so that an operator can still ask the daemon what is going on."""
+        self._take(server, CONTROL_BATCH)
+        backoff = server.accept_backoff()
+        if not backoff:
+            return
+        if server is self.control and self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
+            server.handle_ready()
+        self.unwatch(server.fileno())
+
+        def resume() -> None:
+            if server.socket.fileno() >= 0 and server in (self.control, self.metrics_server):
+                self.watch(server.fileno(), lambda: self._on_side_listener(server))
+            self._reserve_spare_fd()
+
+        self.call_later(backoff, resume)
+
+    def _reserve_spare_fd(self) -> None:
+        if self._spare_fd is None:
+            try:
+                self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # still out of descriptors: the next backoff tries again
 
     def _hand_files_to(self, identity: privileges.Identity) -> None:
         """The control socket and pidfile must stay usable by the user we become."""
@@ -259,6 +290,9 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
             sock.close()
         self.inherited.clear()
         self.notifier.close()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         self._wakeup.close()
         self.selector.close()
 

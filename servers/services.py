@@ -55,16 +55,13 @@ def time_bytes(now: float | None = None) -> bytes:
     return (seconds % 2**32).to_bytes(4, "big")
 
 
-class _StreamService(BaseRequestHandler):
-    """A built-in stream service. It talks to the socket directly and takes EAGAIN, which is
-    what an expired SO_RCVTIMEO/SO_SNDTIMEO gives on a blocking socket, for the timeout it is;
-    a server that enforces timeouts that way can hand it the socket as it is."""
-
-    eagain_is_timeout = True
-
-
-class EchoStreamHandler(_StreamService):
+class EchoStreamHandler(BaseRequestHandler):
     """RFC 862: send back everything received, until the client closes."""
+
+    # It answers every read, so a timeout on each wait is all the protection it needs, and it
+    # takes EAGAIN (an expired SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket) for the timeout
+    # it is: a server that enforces timeouts that way may hand it the plain socket.
+    answers_every_read = True
 
     def handle(self) -> None:
         recv, sendall = self.request.recv, self.request.sendall
@@ -83,7 +80,7 @@ class EchoDatagramHandler(BaseRequestHandler):
         sock.sendto(data, self.client_address)
 
 
-class DiscardStreamHandler(_StreamService):
+class DiscardStreamHandler(BaseRequestHandler):
     """RFC 863: read and throw away everything, until the client closes."""
 
     def handle(self) -> None:
@@ -99,7 +96,7 @@ class DiscardDatagramHandler(BaseRequestHandler):
     """RFC 863: throw the datagram away; no reply."""
 
 
-class ChargenStreamHandler(_StreamService):
+class ChargenStreamHandler(BaseRequestHandler):
     """RFC 864: send the rotating character pattern until the client closes."""
 
     def handle(self) -> None:
@@ -121,7 +118,7 @@ class ChargenDatagramHandler(BaseRequestHandler):
         sock.sendto(lines[:size], self.client_address)
 
 
-class DaytimeStreamHandler(_StreamService):
+class DaytimeStreamHandler(BaseRequestHandler):
     """RFC 867: send the date and time as text, then close."""
 
     def handle(self) -> None:
@@ -139,7 +136,7 @@ class DaytimeDatagramHandler(BaseRequestHandler):
         sock.sendto(daytime_text(), self.client_address)
 
 
-class TimeStreamHandler(_StreamService):
+class TimeStreamHandler(BaseRequestHandler):
     """RFC 868: send the time as 4 bytes, then close."""
 
     def handle(self) -> None:

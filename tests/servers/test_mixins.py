@@ -181,9 +181,22 @@ def test_forked_child_does_not_keep_the_listener_open(harness: Harness) -> None:
     server = harness.make(servers.ForkingTCPServer, ("127.0.0.1", 0), ReportingHandler)
     address = server.server_address
     serving = harness.serve(server)
+    listener = f"socket:[{os.fstat(server.socket.fileno()).st_ino}]"
+
+    def child_let_go() -> bool:
+        # The child closes its copy right after the fork; wait until it has run that far.
+        for pid in server.active_children or ():
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == listener for fd in fds):
+                    return False
+            except FileNotFoundError:
+                return False
+        return bool(server.active_children)
+
     with socket.create_connection(address, timeout=10) as client:
         client.sendall(b"1.0\n")
-        wait_for(lambda: server.active_children)
+        wait_for(child_let_go)
         server.shutdown()
         serving.thread.join(5)
         server.socket.close()  # the parent's copy goes; the busy child must not hold another

@@ -1,0 +1,356 @@
+"""Shared pieces of the reliability suite: the soak gate, daemons, handlers and measurements.
+
+Every test here runs a real selectd process on loopback and hurts it in one way (crashing
+handlers, stalled clients, descriptor exhaustion, floods, bad input, signals mid-request), then
+checks that only the hurt request paid for it. They wait on events and deadlines, never on
+fixed sleeps; where a test needs something to happen *during* a window (a signal while requests
+are in flight) the window is opened by a handler that sleeps, not by the test.
+
+Soak tests (`@pytest.mark.soak`) run for minutes: they are skipped unless `-m soak` selects them
+or SELECTD_SOAK=1 is set.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import tomli_w
+
+from tests.conftest import REPO, Daemon, wait_for
+
+__all__ = [
+    "HANDLERS_MODULE",
+    "LimitedDaemon",
+    "ask",
+    "cpu_seconds",
+    "p99",
+    "raise_nofile",
+    "round_trips",
+    "server_section",
+    "short_tempdir",
+    "status",
+    "stop_and_reap",
+    "write_handlers",
+]
+
+# -- the soak gate ---------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip soak tests unless asked for: `-m soak` (any -m naming soak) or SELECTD_SOAK=1."""
+    if "soak" in (config.getoption("markexpr", "") or "") or os.environ.get("SELECTD_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="soak test: run with -m soak or SELECTD_SOAK=1")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)
+
+
+# -- handlers the tests load into the daemon ---------------------------------------------------
+
+HANDLERS_MODULE = "relhandlers"
+
+HANDLERS = '''
+"""Request handlers for the reliability tests (written into the test's tmp_path)."""
+
+import json
+import os
+import socketserver
+import time
+
+
+class Crashy(socketserver.StreamRequestHandler):
+    """One line in, the same line out, unless the line asks for a way to fail.
+
+    raise: ValueError. exit: SystemExit(3). _exit: os._exit(7) (kills a fork worker).
+    hang: answers its pid, then sleeps (to be killed). slow...: sleeps options.delay first.
+    """
+
+    def handle(self):
+        line = self.rfile.readline()
+        word = line.strip()
+        if word == b"raise":
+            raise ValueError("boom")
+        if word == b"exit":
+            raise SystemExit(3)
+        if word == b"_exit":
+            os._exit(7)
+        if word == b"hang":
+            self.wfile.write(f"{os.getpid()}\\n".encode())
+            time.sleep(60)
+        if word.startswith(b"slow"):
+            time.sleep(float(self.server.options.get("delay", 0.5)))
+        self.wfile.write(line)
+
+
+class SlowEcho(socketserver.StreamRequestHandler):
+    """Echoes one line after options.delay seconds."""
+
+    def handle(self):
+        line = self.rfile.readline()
+        time.sleep(float(self.server.options.get("delay", 0.1)))
+        self.wfile.write(line)
+
+
+class Lines(socketserver.StreamRequestHandler):
+    """Echoes whole lines until EOF: a client that never finishes a line holds it."""
+
+    def handle(self):
+        while line := self.rfile.readline():
+            self.wfile.write(line)
+
+
+SUSPECT_TYPES = {"Supervisor", "ControlServer", "ControlConnection", "SignalWakeup"}
+
+
+def _suspect(value):
+    if type(value).__name__ in SUSPECT_TYPES:
+        return type(value).__name__
+    if isinstance(value, dict) and callable(value.get("shutdown")) and "ping" in value:
+        return "command table"
+    return None
+
+
+def _attributes(value):
+    """An object's instance attributes (its __dict__ and __slots__), and a bound method's self."""
+    if isinstance(value, type) or type(value).__name__ == "module":
+        return {}
+    found = {}
+    if hasattr(value, "__self__") and not isinstance(value.__self__, type):
+        found["__self__"] = value.__self__
+    found.update(getattr(value, "__dict__", {}) or {})
+    for cls in type(value).__mro__:
+        for slot in getattr(cls, "__slots__", ()):
+            if isinstance(slot, str) and hasattr(value, slot):
+                found[slot] = getattr(value, slot)
+    return found
+
+
+class Reach(socketserver.StreamRequestHandler):
+    """Walks self.server's attributes (options.depth levels) looking for a way to the
+    supervisor or the control commands; answers the paths it found, as JSON."""
+
+    def handle(self):
+        self.rfile.readline()
+        depth = int(self.server.options.get("depth", 1))
+        found = []
+        frontier = [("server", self.server)]
+        seen = {id(self.server)}
+        for _ in range(depth):
+            following = []
+            for path, obj in frontier:
+                for name, value in _attributes(obj).items():
+                    where = f"{path}.{name}"
+                    kind = _suspect(value)
+                    if kind:
+                        found.append(f"{where} ({kind})")
+                    if id(value) not in seen:
+                        seen.add(id(value))
+                        following.append((where, value))
+            frontier = following
+        self.wfile.write(json.dumps(found).encode() + b"\\n")
+'''
+
+
+def write_handlers(directory: Path) -> str:
+    """Write the handler module into `directory` (on the daemon's PYTHONPATH); its name."""
+    (directory / f"{HANDLERS_MODULE}.py").write_text(HANDLERS)
+    return HANDLERS_MODULE
+
+
+@pytest.fixture
+def handlers(tmp_path: Path) -> str:
+    return write_handlers(tmp_path)
+
+
+def server_section(name: str, **keys: object) -> str:
+    return tomli_w.dumps({"servers": {name: keys}})
+
+
+# -- daemons ---------------------------------------------------------------------------------
+
+
+class LimitedDaemon(Daemon):
+    """A Daemon (tests.conftest) whose process may start under a lower RLIMIT_NOFILE.
+
+    The limit is set by a tiny Python wrapper that then execs the daemon, so the daemon's
+    command line (and sys.orig_argv, which an upgrade re-executes) is the usual one.
+    """
+
+    def __init__(
+        self, directory: Path, config: str, path: str = "", nofile: int | None = None
+    ) -> None:
+        if nofile is None:
+            super().__init__(directory, config, path=path)
+            return
+        self.dir = directory
+        self.config_path = directory / "selectd.toml"
+        self.config_path.write_text(config)
+        self.control_socket = str(tomllib.loads(config).get("daemon", {})["control_socket"])
+        self.log_path = directory / "selectd.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        pythonpath = [p for p in (path, str(REPO), os.environ.get("PYTHONPATH", "")) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
+        env.pop("SELECTD_CONFIG", None)
+        wrapper = (
+            "import os, resource, sys; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
+            "os.execvp(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
+        argv = ["-m", "daemon", "run", "-c", str(self.config_path)]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", wrapper, *argv],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=directory,
+        )
+        self.pid = self.proc.pid
+        self._seen = 0
+
+
+def _teardown(started: list[Daemon]) -> list[int]:
+    """Kill what is left of `started`; the pids of processes that outlived their daemon."""
+    leaked: list[int] = []
+    for daemon in started:
+        if daemon.proc.poll() is not None:
+            deadline = time.monotonic() + 5
+            while daemon.strays() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            leaked += daemon.strays()
+        daemon.close()
+    return leaked
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., LimitedDaemon]]:
+    """launch(config, nofile=None, ready=True) -> LimitedDaemon; start_daemon's twin that can
+    lower the daemon's descriptor limit."""
+    started: list[Daemon] = []
+
+    def start(config: str, nofile: int | None = None, ready: bool = True) -> LimitedDaemon:
+        sub = tmp_path / f"l{len(started)}"
+        sub.mkdir()
+        daemon = LimitedDaemon(sub, config, path=str(tmp_path), nofile=nofile)
+        started.append(daemon)
+        if ready:
+            daemon.wait_ready()
+        return daemon
+
+    yield start
+    leaked = _teardown(started)
+    assert not leaked, f"processes outlived their daemon: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def module_launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """launch(config) -> Daemon shared by a module's tests (hypothesis reuses one daemon across
+    examples); `config` may use {dir} for the daemon's own directory. Killed at module end."""
+    started: list[Daemon] = []
+    base = tmp_path_factory.mktemp("module")
+
+    def start(config: str) -> Daemon:
+        sub = base / f"m{len(started)}"
+        sub.mkdir()
+        write_handlers(base)
+        daemon = Daemon(sub, config.replace("{dir}", str(sub)), path=str(base))
+        started.append(daemon)
+        daemon.wait_ready()
+        return daemon
+
+    yield start
+    leaked = _teardown(started)
+    assert not leaked, f"processes outlived their daemon: {leaked}"
+
+
+def stop_and_reap(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM a daemon that is not our child (an upgrade's successor) and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        wait_for(gone, timeout, interval=0.05)
+    finally:
+        if not gone():
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- clients and measurements ----------------------------------------------------------------
+
+
+def ask(port: int, line: bytes, host: str = "127.0.0.1", timeout: float = 10) -> bytes:
+    """Send one line, read one line back (b"" when the server closed without answering)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(line)
+        return s.makefile("rb").readline()
+
+
+def round_trips(port: int, count: int, payload: bytes = b"ping\n") -> list[float]:
+    """Seconds taken by each of `count` sequential echo round trips, each on a new connection
+    (connect, send, read the echo, close): the accept path is what a busy loop would delay."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = s.recv(len(payload) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        times.append(time.perf_counter() - started)
+        assert got == payload, got
+    return times
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
+def raise_nofile(wanted: int) -> None:
+    """Raise this process's soft descriptor limit to at least `wanted` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def status(daemon: Daemon, server: str | None = None) -> dict[str, Any]:
+    args = {} if server is None else {"server": server}
+    reply = daemon.control("status", **args)
+    assert reply["ok"], reply
+    return reply["result"]
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A short directory under /tmp: a Unix socket path holds at most 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -1,0 +1,153 @@
+"""Promise 2: hung and slow clients are cut off by `timeout` and cannot starve anyone else.
+
+A client that connects and sends nothing, and a slowloris that trickles one byte every 0.2 s,
+are closed by the daemon within about `timeout`. Hundreds of idle connections against a thread
+server cost that server at most `workers + max_queue` requests' worth of room (the rest are
+rejected at once), never delay another server, and once their timeout passes the server serves
+again.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import daemon_section, echo_roundtrip, free_port, wait_for
+from tests.reliability.conftest import p99, raise_nofile, round_trips, server_section, status
+
+TIMEOUT = 0.6
+SLACK = 1.0  # how much later than `timeout` the daemon may close a stalled connection
+TRICKLE = 0.2
+
+
+def lines_server(name: str, port: int, handlers: str, mode: str, **keys: object) -> str:
+    extra: dict[str, object] = {"workers": 2} if mode != "inline" else {}
+    return server_section(
+        name,
+        listen=f"127.0.0.1:{port}",
+        handler=f"{handlers}:Lines",
+        concurrency=mode,
+        timeout=TIMEOUT,
+        **extra,
+        **keys,
+    )
+
+
+def seconds_until_closed(port: int, trickle: bool, limit: float) -> float | None:
+    """Connect, then send nothing (or one byte per TRICKLE seconds, never a newline) until the
+    daemon closes the connection; seconds from connect to close, None if still open at `limit`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.monotonic()
+        deadline = started + limit
+        while (now := time.monotonic()) < deadline:
+            readable, _, _ = select.select([s], [], [], min(TRICKLE, deadline - now))
+            if readable:
+                try:
+                    data = s.recv(100)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    return time.monotonic() - started
+                continue  # an echo of something: not a close
+            if trickle:
+                try:
+                    s.sendall(b"x")
+                except (BrokenPipeError, ConnectionResetError):
+                    return time.monotonic() - started
+        return None
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork", "inline"])
+def test_silent_client_is_cut_off_by_timeout(
+    start_daemon, tmp_path: Path, handlers: str, mode: str
+) -> None:
+    port = free_port()
+    daemon = start_daemon(daemon_section(tmp_path) + lines_server("lines", port, handlers, mode))
+    closed_after = seconds_until_closed(port, trickle=False, limit=TIMEOUT + SLACK + 2)
+    assert closed_after is not None, "a client that sends nothing is never cut off"
+    assert TIMEOUT * 0.8 <= closed_after <= TIMEOUT + SLACK, closed_after
+    event = daemon.wait_event("request_timeout", server="lines")
+    assert event["timeout"] == TIMEOUT
+    assert echo_roundtrip(port, b"still serving\n") == b"still serving\n"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork", "inline"])
+def test_slowloris_is_cut_off_by_timeout(
+    start_daemon, tmp_path: Path, handlers: str, mode: str
+) -> None:
+    port = free_port()
+    daemon = start_daemon(daemon_section(tmp_path) + lines_server("lines", port, handlers, mode))
+    closed_after = seconds_until_closed(port, trickle=True, limit=TIMEOUT + SLACK)
+    assert daemon.stop() == 0
+    assert closed_after is not None, (
+        f"a slowloris trickling a byte every {TRICKLE}s was still connected after "
+        f"{TIMEOUT + SLACK}s with timeout = {TIMEOUT}"
+    )
+
+
+def test_idle_connections_cost_only_their_server_queue_and_never_delay_others(
+    start_daemon, tmp_path: Path
+) -> None:
+    held_count, workers, max_queue, timeout = 300, 8, 4, 1.5
+    raise_nofile(held_count + 200)
+    pool_port, other_port = free_port(), free_port()
+    config = daemon_section(tmp_path, log_level="info")
+    config += server_section(
+        "pool",
+        listen=f"127.0.0.1:{pool_port}",
+        handler="echo",
+        concurrency="thread",
+        workers=workers,
+        max_queue=max_queue,
+        timeout=timeout,
+    )
+    config += server_section("other", listen=f"127.0.0.1:{other_port}", handler="echo")
+    daemon = start_daemon(config)
+    round_trips(other_port, 20)  # warm up: the other server's pool threads exist
+
+    held: list[socket.socket] = []
+    opened = threading.Event()
+
+    def open_idle_connections() -> None:
+        try:
+            for _ in range(held_count):
+                held.append(socket.create_connection(("127.0.0.1", pool_port), timeout=10))
+        finally:
+            opened.set()
+
+    opener = threading.Thread(target=open_idle_connections)
+    try:
+        opener.start()
+        times = round_trips(other_port, 100)  # while the connections arrive
+        opened.wait(30)
+        times += round_trips(other_port, 100)  # while they are held
+        assert len(held) == held_count
+        figures = status(daemon, "pool")["servers"]["pool"]
+        # Starved beyond max_queue? No: exactly workers + max_queue were taken, the rest were
+        # rejected at once (closed, counted).
+        assert figures["rejected"] == held_count - workers - max_queue, figures
+        assert figures["requests"] == workers + max_queue, figures
+        assert echo_roundtrip(pool_port, b"squeezed out\n") == b"", "rejected while full"
+        worst = p99(times)
+        print(f"other server: p99 {worst * 1000:.1f} ms, max {max(times) * 1000:.1f} ms")
+        assert worst < 0.1, f"round-trip p99 {worst * 1000:.1f} ms on the other server"
+        # Once the held connections time out (two rounds: the running ones, then the queued
+        # ones), the pool serves again.
+        started = time.monotonic()
+        wait_for(
+            lambda: echo_roundtrip(pool_port, b"back\n") == b"back\n",
+            timeout * 2 + 3,
+            interval=0.1,
+        )
+        assert time.monotonic() - started <= timeout * 2 + 3
+    finally:
+        opener.join(30)
+        for s in held:
+            s.close()
+    assert daemon.stop() == 0
