@@ -329,3 +329,21 @@ def test_limits_under_concurrent_load(start_daemon, tmp_path: Path) -> None:
     status = daemon.control("status")["result"]["servers"]["busy"]
     assert status["refused"]["instances"] == 16 - served
     assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching a program's user needs root")
+def test_exec_service_runs_as_its_user_and_group(start_daemon, tmp_path: Path) -> None:
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    port = free_port()
+    config = daemon_section(tmp_path) + server(
+        "who", listen=f"127.0.0.1:{port}", command=["id"], user="nobody", group=group
+    )
+    daemon = start_daemon(config)
+    out = talk(port).decode()
+    assert f"uid={nobody.pw_uid}(" in out and f"gid={nobody.pw_gid}(" in out, out
+    assert "groups=" in out and "(root)" not in out, "no supplementary group of root's is kept"
+    assert daemon.stop() == 0
