@@ -78,7 +78,8 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Counters:
-    """A server's request figures. Thread-pool workers update them, hence the lock.
+    """A server's request figures. requests, denied and rejected have one writer, the loop's
+    thread; what finishing requests updates (thread-pool workers among them) takes the lock.
 
     They belong to the configured server, not to one listener: they survive stop/start and
     reloads.
@@ -106,11 +107,6 @@ class Counters:
         self.duration_sum = 0.0
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
         self.lock = threading.Lock()
-
-    def add(self, **deltas: int) -> None:
-        with self.lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
 
     def refuse(self, reason: str, count: int = 1) -> None:
         with self.lock:
@@ -368,7 +364,7 @@ class ManagedMixIn:
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.acl.admits(client_address):
-            self.counters.add(denied=1)
+            self.counters.denied += 1
             suppressed = self._deny_log.allow()
             if suppressed is not None:
                 log.warning(
@@ -409,17 +405,19 @@ class ManagedMixIn:
 
     def request_finished(self, client_address: Any) -> None:
         """A dispatcher's word that a request it took is over (per_source bookkeeping)."""
-        self.limits.finished(client_address)
+        if self.limits.per_source is not None:
+            self.limits.finished(client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self._per_connection_timeout:
             set_io_timeout(request, self._io_timeout)
         self.limits.started(client_address)
         if self.dispatcher.submit(request, client_address):
-            self.counters.add(requests=1)
+            # Only the loop's thread counts requests (and denials, rejections): no lock needed.
+            self.counters.requests += 1
             return
         self.limits.finished(client_address)
-        self.counters.add(rejected=1)
+        self.counters.rejected += 1
         suppressed = self._reject_log.allow()
         if suppressed is not None:
             log.warning(

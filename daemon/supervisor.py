@@ -48,17 +48,12 @@ from .worker import detach_inherited
 
 log = get_logger()
 
-# How many requests one readiness event may take from a listener before the loop looks at the
-# other servers again: enough to amortise select() under load, small enough that a flood on one
-# server cannot starve the others. Inline requests run in the loop, so they get a smaller share.
-BATCH = {"inline": 4, "thread": 32, "fork": 32, "exec": 8}
+# Connections the control and metrics listeners take per readiness event (units.BATCH has the
+# servers' shares).
 CONTROL_BATCH = 8
 
 # After force, how long to wait for handlers and workers to go before exiting anyway.
 FORCE_GRACE = 3.0
-
-# Ceiling on connections taken from a listener's accept queue when it stops.
-BACKLOG_DRAIN_MAX = 65536
 
 
 class Supervisor(ServingMixIn, UpgradeMixIn):

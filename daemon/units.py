@@ -11,7 +11,6 @@ then closes the listener; the pool finishes what it has before it retires.
 
 from __future__ import annotations
 
-import selectors
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +75,11 @@ class ServerUnit:
 
 
 class ServingMixIn:
-    """The servers' side of the Supervisor. See the module docstring."""
+    """The servers' side of the Supervisor. See the module docstring.
+
+    The Supervisor provides the loop plumbing (watch, unwatch, call_later, the PoolHost
+    interface) and the attributes annotated here.
+    """
 
     config: Config
     units: dict[str, ServerUnit]
@@ -84,20 +87,10 @@ class ServingMixIn:
     phase: Phase
     _handing_off: bool
     _wakeup: Any
-
-    def watch(
-        self, fd: int, callback: Callable[[], None], events: int = selectors.EVENT_READ
-    ) -> None:
-        raise NotImplementedError
-
-    def unwatch(self, fd: int) -> None:
-        raise NotImplementedError
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        raise NotImplementedError
-
-    def _finish_shutdown(self) -> None:
-        raise NotImplementedError
+    watch: Callable[..., None]
+    unwatch: Callable[[int], None]
+    call_later: Callable[[float, Callable[[], None]], Timer]
+    _finish_shutdown: Callable[[], None]
 
     # -- servers -----------------------------------------------------------------------------
 
@@ -209,7 +202,7 @@ class ServingMixIn:
         """inetd's `wait` for datagram exec services: the program gets the socket itself, and
         the listener stays out of the selector until it exits."""
         self._unlisten(unit)
-        server.counters.add(requests=1)
+        server.counters.requests += 1
 
         def done() -> None:
             if unit.server is server and unit.state is State.RUNNING:
