@@ -72,6 +72,20 @@ def server_section(name: str, **keys: object) -> str:
     return tomli_w.dumps({"servers": {name: keys}})
 
 
+def server_status(daemon, name: str) -> dict:
+    return daemon.control("status", server=name)["result"]["servers"][name]
+
+
+def wait_until_taken(daemon, name: str, count: int) -> None:
+    """Until the daemon has taken `count` connections for `name` (dispatched or rejected)."""
+    wait_for(lambda: (s := server_status(daemon, name))["requests"] + s["rejected"] >= count)
+
+
+def wait_until_active(daemon, name: str, count: int = 1) -> None:
+    """Until `count` requests of `name` are in a handler."""
+    wait_for(lambda: server_status(daemon, name)["active"] >= count)
+
+
 def ask(port: int, line: bytes, host: str = "127.0.0.1", timeout: float = 10) -> bytes:
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(line)
@@ -302,9 +316,9 @@ def test_thread_pool_never_exceeds_workers_and_rejects_beyond_queue(
             results[i] = repr(exc).encode()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
+    for i, t in enumerate(threads):
         t.start()
-        time.sleep(0.02)  # let the connections arrive in order
+        wait_until_taken(daemon, "slow", i + 1)  # the connections arrive in order
     wait_for(lambda: daemon.find("request_rejected"), 5)
     peak = psutil.Process(daemon.pid).num_threads()
     for t in threads:
@@ -338,9 +352,9 @@ def test_fork_pool_rejects_beyond_queue(start_daemon, tmp_path: Path, handlers: 
             results[i] = repr(exc).encode()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]
-    for t in threads:
+    for i, t in enumerate(threads):
         t.start()
-        time.sleep(0.02)
+        wait_until_taken(daemon, "slow", i + 1)
     for t in threads:
         t.join(15)
     served = [i for i, r in results.items() if r == f"{i}\n".encode()]
@@ -470,8 +484,7 @@ def test_graceful_drain_finishes_the_request_in_flight(
     answer: list[bytes] = []
     client = threading.Thread(target=lambda: answer.append(ask(port, b"in flight\n")))
     client.start()
-    wait_for(lambda: daemon.find("worker_spawned") if mode == "fork" else True)
-    time.sleep(0.3)  # the request is in the handler's sleep now
+    wait_until_active(daemon, "slow")  # the request is in the handler's sleep now
     daemon.send(signal.SIGTERM)
     daemon.wait_event("shutdown_begun")
     with pytest.raises(ConnectionRefusedError):
@@ -499,7 +512,7 @@ def test_shutdown_timeout_forces_and_exits_nonzero(
     daemon = start_daemon(config)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"never answered\n")
-        time.sleep(0.3)
+        wait_until_active(daemon, "slow")
         daemon.send(signal.SIGTERM)
         assert s.recv(100) == b""
     assert daemon.proc.wait(10) == 1
@@ -520,7 +533,7 @@ def test_second_sigint_forces(start_daemon, tmp_path: Path, handlers: str) -> No
     daemon = start_daemon(config)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"x\n")
-        time.sleep(0.3)
+        wait_until_active(daemon, "slow")
         daemon.send(signal.SIGINT)
         daemon.wait_event("shutdown_begun")
         daemon.send(signal.SIGINT)
