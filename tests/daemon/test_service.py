@@ -147,6 +147,31 @@ def test_notify_ready_reloading_stopping_and_watchdog(tmp_path: Path) -> None:
         notify.close()
 
 
+def test_upgrade_names_the_new_main_pid(tmp_path: Path) -> None:
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    port = free_port()
+    config = daemon_section(tmp_path) + server("echo", listen=f"127.0.0.1:{port}", handler="echo")
+    daemon = start_with_env(tmp_path, config, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    new_pid = 0
+    try:
+        notify.wait("READY", "1")
+        daemon.send(signal.SIGUSR2)
+        mainpid = notify.wait("MAINPID")
+        new_pid = int(mainpid["MAINPID"])
+        assert new_pid != daemon.pid and psutil.pid_exists(new_pid)
+        assert daemon.proc.wait(15) == 0
+        assert not [m for m in notify.collect()[notify.cursor :] if "STOPPING" in m], (
+            "the old daemon hands over; it does not tell systemd the service is stopping"
+        )
+        assert echo_roundtrip(port) == b"hello\n"
+    finally:
+        if new_pid and psutil.pid_exists(new_pid):
+            os.kill(new_pid, signal.SIGTERM)
+            wait_for(lambda: not psutil.pid_exists(new_pid) or _zombie(new_pid), 15)
+        daemon.close()
+        notify.close()
+
+
 def test_watchdog_for_another_pid_is_not_ours(tmp_path: Path) -> None:
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     config = daemon_section(tmp_path)
