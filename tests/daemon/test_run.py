@@ -72,6 +72,19 @@ def server_section(name: str, **keys: object) -> str:
     return tomli_w.dumps({"servers": {name: keys}})
 
 
+def slow_server(
+    tmp_path: Path, handlers: str, port: int, delay: float, shutdown_timeout: float = 10, **keys
+) -> str:
+    """A config with one server, "slow", whose handler echoes a line after `delay` seconds."""
+    return daemon_section(tmp_path, shutdown_timeout=shutdown_timeout) + server_section(
+        "slow",
+        listen=f"127.0.0.1:{port}",
+        handler=f"{handlers}:SlowEcho",
+        options={"delay": delay},
+        **keys,
+    )
+
+
 def server_status(daemon, name: str) -> dict:
     return daemon.control("status", server=name)["result"]["servers"][name]
 
@@ -296,14 +309,8 @@ def test_thread_pool_never_exceeds_workers_and_rejects_beyond_queue(
     start_daemon, tmp_path: Path, handlers: str
 ) -> None:
     port = free_port()
-    config = daemon_section(tmp_path) + server_section(
-        "slow",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:SlowEcho",
-        concurrency="thread",
-        workers=3,
-        max_queue=2,
-        options={"delay": 1.5},
+    config = slow_server(
+        tmp_path, handlers, port, 1.5, concurrency="thread", workers=3, max_queue=2
     )
     daemon = start_daemon(config)
     baseline = psutil.Process(daemon.pid).num_threads()
@@ -333,15 +340,7 @@ def test_thread_pool_never_exceeds_workers_and_rejects_beyond_queue(
 
 def test_fork_pool_rejects_beyond_queue(start_daemon, tmp_path: Path, handlers: str) -> None:
     port = free_port()
-    config = daemon_section(tmp_path) + server_section(
-        "slow",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:SlowEcho",
-        concurrency="fork",
-        workers=2,
-        max_queue=1,
-        options={"delay": 1.0},
-    )
+    config = slow_server(tmp_path, handlers, port, 1.0, concurrency="fork", workers=2, max_queue=1)
     daemon = start_daemon(config)
     results: dict[int, bytes] = {}
 
@@ -472,13 +471,8 @@ def test_graceful_drain_finishes_the_request_in_flight(
     start_daemon, tmp_path: Path, handlers: str, mode: str
 ) -> None:
     port = free_port()
-    config = daemon_section(tmp_path, shutdown_timeout=10) + server_section(
-        "slow",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:SlowEcho",
-        concurrency=mode,
-        workers=2,
-        options={"delay": 1.0},
+    config = slow_server(
+        tmp_path, handlers, port, 1.0, shutdown_timeout=10, concurrency=mode, workers=2
     )
     daemon = start_daemon(config)
     answer: list[bytes] = []
@@ -501,13 +495,8 @@ def test_shutdown_timeout_forces_and_exits_nonzero(
     start_daemon, tmp_path: Path, handlers: str
 ) -> None:
     port = free_port()
-    config = daemon_section(tmp_path, shutdown_timeout=0.5) + server_section(
-        "slow",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:SlowEcho",
-        concurrency="fork",
-        workers=1,
-        options={"delay": 30},
+    config = slow_server(
+        tmp_path, handlers, port, 30, shutdown_timeout=0.5, concurrency="fork", workers=1
     )
     daemon = start_daemon(config)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -522,13 +511,8 @@ def test_shutdown_timeout_forces_and_exits_nonzero(
 
 def test_second_sigint_forces(start_daemon, tmp_path: Path, handlers: str) -> None:
     port = free_port()
-    config = daemon_section(tmp_path, shutdown_timeout=60) + server_section(
-        "slow",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:SlowEcho",
-        concurrency="thread",
-        workers=1,
-        options={"delay": 30},
+    config = slow_server(
+        tmp_path, handlers, port, 30, shutdown_timeout=60, concurrency="thread", workers=1
     )
     daemon = start_daemon(config)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
