@@ -305,6 +305,24 @@ def test_no_descriptor_leaks_across_many_requests(
 # -- pool bounds -----------------------------------------------------------------------------
 
 
+def clients_in_order(daemon, port: int, n: int) -> tuple[list[threading.Thread], dict[int, bytes]]:
+    """n clients of the "slow" server, each sending its number, started one after the other once
+    the daemon has taken the previous one; results[i] is what client i got (or its error)."""
+    results: dict[int, bytes] = {}
+
+    def client(i: int) -> None:
+        try:
+            results[i] = ask(port, f"{i}\n".encode())
+        except OSError as exc:
+            results[i] = repr(exc).encode()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for i, t in enumerate(threads):
+        t.start()
+        wait_until_taken(daemon, "slow", i + 1)  # the connections arrive in order
+    return threads, results
+
+
 def test_thread_pool_never_exceeds_workers_and_rejects_beyond_queue(
     start_daemon, tmp_path: Path, handlers: str
 ) -> None:
@@ -314,18 +332,7 @@ def test_thread_pool_never_exceeds_workers_and_rejects_beyond_queue(
     )
     daemon = start_daemon(config)
     baseline = psutil.Process(daemon.pid).num_threads()
-    results: dict[int, bytes] = {}
-
-    def client(i: int) -> None:
-        try:
-            results[i] = ask(port, f"{i}\n".encode())
-        except OSError as exc:
-            results[i] = repr(exc).encode()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for i, t in enumerate(threads):
-        t.start()
-        wait_until_taken(daemon, "slow", i + 1)  # the connections arrive in order
+    threads, results = clients_in_order(daemon, port, 8)
     wait_for(lambda: daemon.find("request_rejected"), 5)
     peak = psutil.Process(daemon.pid).num_threads()
     for t in threads:
@@ -342,18 +349,7 @@ def test_fork_pool_rejects_beyond_queue(start_daemon, tmp_path: Path, handlers: 
     port = free_port()
     config = slow_server(tmp_path, handlers, port, 1.0, concurrency="fork", workers=2, max_queue=1)
     daemon = start_daemon(config)
-    results: dict[int, bytes] = {}
-
-    def client(i: int) -> None:
-        try:
-            results[i] = ask(port, f"{i}\n".encode())
-        except OSError as exc:
-            results[i] = repr(exc).encode()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]
-    for i, t in enumerate(threads):
-        t.start()
-        wait_until_taken(daemon, "slow", i + 1)
+    threads, results = clients_in_order(daemon, port, 5)
     for t in threads:
         t.join(15)
     served = [i for i, r in results.items() if r == f"{i}\n".encode()]
