@@ -17,12 +17,10 @@ the daemon's own uid and root are served.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import selectors
 import socket
-import stat
 import struct
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from typing import Any, Protocol
 import servers
 
 from .errors import DaemonError
+from .listeners import probe_unix_path
 from .log import get_logger
 
 log = get_logger()
@@ -74,28 +73,21 @@ def prepare_socket_path(path: str) -> None:
     directory = os.path.dirname(path)
     if directory and not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700, exist_ok=True)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    state = probe_unix_path(path)
+    if state == "absent":
         return
-    if not stat.S_ISSOCK(mode):
+    if state == "stale":
+        os.unlink(path)  # nobody listens: left behind by a daemon that died
+        return
+    if state == "live":
+        raise DaemonError(f"control socket {path}: another selectd is running and answering there")
+    if state == "not a socket":
         raise DaemonError(
             f"control socket {path}: exists and is not a socket; refusing to replace it"
         )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)  # nobody listens: left behind by a daemon that died
-        return
-    except OSError as exc:
-        if exc.errno == errno.ENOTSOCK or exc.errno == errno.EPROTOTYPE:
-            raise DaemonError(f"control socket {path}: exists and is not a stream socket") from exc
-        raise DaemonError(f"control socket {path}: {exc.strerror or exc}") from exc
-    finally:
-        probe.close()
-    raise DaemonError(f"control socket {path}: another selectd is running and answering there")
+    if state == "other kind":
+        raise DaemonError(f"control socket {path}: exists and is not a stream socket")
+    raise DaemonError(f"control socket {path}: {state.removeprefix('error: ')}")
 
 
 class ControlServer(servers.UnixStreamServer):

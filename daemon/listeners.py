@@ -470,30 +470,45 @@ class ManagedMixIn:
         )
 
 
+def probe_unix_path(path: str, kind: int = socket.SOCK_STREAM) -> str:
+    """What is at a Unix socket path, by connecting to it as `kind`:
+
+    "absent"; "not a socket" (a file, a directory: never to be touched); "stale" (a socket
+    nobody listens on: left by a process that died, safe to remove); "live" (someone answers);
+    "other kind" (a socket of the other type); or "error: ..." for anything else.
+    """
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return "not a socket"
+    except FileNotFoundError:
+        return "absent"
+    probe = socket.socket(socket.AF_UNIX, kind)
+    probe.settimeout(2)  # a live listener with a full backlog must not hang us
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return "stale"
+    except FileNotFoundError:
+        return "absent"
+    except OSError as exc:
+        if exc.errno in (errno.EPROTOTYPE, errno.ENOTSOCK):
+            return "other kind"
+        return f"error: {exc.strerror or exc}"
+    finally:
+        probe.close()
+    return "live"
+
+
 def _remove_stale_unix_socket(path: Any) -> None:
     """Remove a socket file left by a dead process. A live socket is left for bind() to refuse,
     and anything that is not a socket is never touched."""
     if not isinstance(path, str) or not path or path.startswith("\0"):
         return
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return  # bind() fails with EADDRINUSE, naming the path
-    except FileNotFoundError:
-        return
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        probe = socket.socket(socket.AF_UNIX, kind)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # nobody listens there any more
-            return
-        except OSError as exc:
-            if exc.errno != errno.EPROTOTYPE:  # EPROTOTYPE: the other kind; try it
-                return
-        else:
-            return  # alive
-        finally:
-            probe.close()
+    state = probe_unix_path(path, socket.SOCK_STREAM)
+    if state == "other kind":
+        state = probe_unix_path(path, socket.SOCK_DGRAM)
+    if state == "stale":
+        os.unlink(path)  # nobody listens there any more
 
 
 class ManagedStreamServer(ManagedMixIn, servers.TCPServer):
