@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .connections import Running, Watchdog
 from .listeners import ManagedMixIn
 from .log import get_logger
 from .timers import Timer
@@ -63,6 +64,7 @@ class Worker:
         "last_seen",
         "lost",
         "pid",
+        "request",
         "retiring",
         "served",
         "started",
@@ -73,10 +75,13 @@ class Worker:
         self.channel: socket.socket | None = channel
         self.busy = False
         self.client: Any = None  # the address of the request it is running
+        # Our copy of that request's socket, kept while it runs, for the watchdog to look at
+        # and, past `timeout`, shut down; closed when the worker is done with it.
+        self.request: socket.socket | None = None
         self.lost = False  # it went away in the middle of a request
         self.served = 0
         self.started = time.monotonic()
-        self.handed_at = 0.0  # when the request it is running was handed over
+        self.handed_at = 0.0  # when the request it is running was handed over (monotonic)
         self.last_seen = time.monotonic()  # its last answer or heartbeat
         self.retiring: str | None = None  # why it is on its way out, when it is
 
@@ -111,6 +116,10 @@ class ForkPool:
         self._jitter: int = getattr(config, "max_requests_jitter", 0) or 0
         self._max_rss: int | None = getattr(config, "max_rss", None)
         self._health_timer: Timer | None = None
+        self._watchdog: Watchdog | None = None
+        if server.watched():
+            timeout = config.timeout
+            self._watchdog = Watchdog(server.name, timeout, self._running, host.call_later)
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -198,13 +207,31 @@ class ForkPool:
         except OSError:
             self._channel_closed(worker)
             return False
-        request.close()  # the worker has its own copy now; shutdown() would cut it off
         worker.busy = True
         worker.client = client_address
-        worker.handed_at = time.perf_counter()
+        worker.handed_at = time.monotonic()
+        if self._watchdog is not None:
+            # Kept until the worker is done (the FIN comes from its shutdown, not our close).
+            worker.request = request
+            self._watchdog.arm()
+        else:
+            request.close()  # the worker has its own copy now; shutdown() would cut it off
         if self.worker_timeout:
-            worker.last_seen = time.monotonic()  # from now on: busy since
+            worker.last_seen = worker.handed_at  # from now on: busy since
         return True
+
+    def _running(self) -> list[Running]:
+        return [
+            (w.request, w.client, w.handed_at)
+            for w in self._workers.values()
+            if w.busy and w.request is not None
+        ]
+
+    @staticmethod
+    def _release(worker: Worker) -> None:
+        if worker.request is not None:
+            worker.request.close()
+            worker.request = None
 
     def _on_channel(self, worker: Worker) -> None:
         channel = worker.channel
@@ -224,9 +251,8 @@ class ForkPool:
             return
         worker.served += 1
         worker.busy = False
-        self.server.counters.finished(
-            time.perf_counter() - worker.handed_at, data[:1] == DONE_FAILED
-        )
+        self._release(worker)
+        self.server.counters.finished(time.monotonic() - worker.handed_at, data[:1] == DONE_FAILED)
         self.server.request_finished(worker.client)
         if len(data) > 1:
             # It finished its request and is retiring (max_requests, max_rss): its successor
@@ -258,7 +284,8 @@ class ForkPool:
         if worker.busy:
             worker.busy = False
             worker.lost = True
-            self.server.counters.finished(time.perf_counter() - worker.handed_at, True)
+            self._release(worker)
+            self.server.counters.finished(time.monotonic() - worker.handed_at, True)
             self.server.request_finished(worker.client)
         if self.idle():
             self.host.pool_idle()
@@ -354,8 +381,7 @@ class ForkPool:
     def close(self) -> None:
         """Retire every worker: each reads EOF on its channel and exits 0."""
         self._closing = True
-        if self._health_timer is not None:
-            self._health_timer.cancel()
+        self._stop_timers()
         for worker in list(self._workers.values()):
             self._channel_closed(worker)
         if not self._workers:
@@ -364,11 +390,16 @@ class ForkPool:
     def closed(self) -> bool:
         return self._closing and not self._workers
 
+    def _stop_timers(self) -> None:
+        if self._health_timer is not None:
+            self._health_timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
     def force(self) -> int:
         """Cut off what is queued and running; SIGTERM every worker, SIGKILL the stragglers."""
         self._closing = True
-        if self._health_timer is not None:
-            self._health_timer.cancel()
+        self._stop_timers()
         cut = self._drop_pending() + self.active()
         for worker in list(self._workers.values()):
             self._channel_closed(worker)

@@ -11,7 +11,8 @@ A ManagedServer is an ordinary socketserver-style server (a handler sees it as `
 
 Per-connection timeouts use SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a timeout on a
 blocking socket costs nothing per recv, where settimeout() turns every recv into poll()+recv. On
-TCP they are set once on the listener, and every accepted socket inherits them from it.
+TCP they are set once on the listener, and every accepted socket inherits them from it. The
+request deadline that stops a trickling client is daemon/connections.py's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import stat
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -35,6 +35,13 @@ import servers
 from servers.ratelimit import RateLimiter
 
 from .config import ServerConfig
+from .connections import (
+    Connection,
+    IOTimeoutSocket,
+    RequestCut,
+    is_timeout,
+    set_io_timeout,
+)
 from .limits import RequestLimits
 from .log import format_address, get_logger
 
@@ -147,82 +154,6 @@ class Acl:
         return not self.allow or any(ip in net for net in self.allow)
 
 
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-
-
-def set_io_timeout(sock: socket.socket, seconds: float) -> None:
-    """Blocking recv/send on `sock` give up after `seconds` (EAGAIN) with no per-call cost."""
-    value = _timeval(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-
-
-_recv = socket.socket.recv
-_recv_into = socket.socket.recv_into
-_send = socket.socket.send
-_sendall = socket.socket.sendall
-
-
-class IOTimeoutSocket(socket.socket):
-    """A connection held to its server's `timeout`: a stalled or trickling client is cut off.
-
-    Two rules, both raising TimeoutError as settimeout() would:
-
-    - No single wait lasts longer than `timeout`: SO_RCVTIMEO/SO_SNDTIMEO on the blocking socket
-      (set once on a TCP listener, inherited by every connection). An expired one surfaces as
-      EAGAIN, which the stdlib's buffered files would take for "no data yet", handing a stalled
-      client's half line to the handler as if it were whole; here it is a TimeoutError.
-    - A request must arrive within `timeout` of the connection opening or of the last reply:
-      every recv checks that deadline, and every send moves it on. A slowloris that trickles a
-      byte at a time never waits long enough for the first rule, and meets this one.
-
-    The cost is one Python call and a clock read per I/O, far less than the poll() that
-    settimeout() adds to every recv. (The C methods are bound once, above: a super() lookup per
-    call would cost as much again.)
-    """
-
-    __slots__ = ("_deadline", "_timeout")
-
-    def start_clock(self, timeout: float) -> None:
-        self._timeout = timeout
-        self._deadline = time.monotonic() + timeout
-
-    def _check(self) -> None:
-        if time.monotonic() > self._deadline:
-            raise TimeoutError(f"no complete request within {self._timeout}s")
-
-    def recv(self, *args: Any) -> bytes:
-        self._check()
-        try:
-            return _recv(self, *args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-
-    def recv_into(self, *args: Any) -> int:
-        self._check()
-        try:
-            return _recv_into(self, *args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-
-    def send(self, *args: Any) -> int:
-        try:
-            sent = _send(self, *args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-        self._deadline = time.monotonic() + self._timeout
-        return sent
-
-    def sendall(self, *args: Any) -> None:
-        try:
-            _sendall(self, *args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-        self._deadline = time.monotonic() + self._timeout
-
-
 def attach_drop_all_filter(sock: socket.socket) -> None:
     """Make a TCP listener drop every new SYN, so nothing new completes its handshake.
 
@@ -289,10 +220,6 @@ class ManagedMixIn:
             self.address_family == socket.AF_UNIX
         )
         handler = config.handler_class() if config.command is None else servers.BaseRequestHandler
-        # A handler that answers every read (the built-in echo) needs no request deadline; the
-        # per-wait timeout alone holds it, and its I/O then costs nothing extra (the Python
-        # wrapper costs a thread pool about a third of its round trips: see README, Performance).
-        self._plain_io = getattr(handler, "answers_every_read", False)
         address = "" if config.listen.kind == "systemd" else config.listen.sockaddr()
         super().__init__(address, handler, bind_and_activate)  # type: ignore[call-arg]
 
@@ -354,10 +281,21 @@ class ManagedMixIn:
             _remove_stale_unix_socket(self.server_address)
         super().server_bind()  # type: ignore[misc]
 
+    def watched(self) -> bool:
+        """Whether a watchdog in the loop enforces the request deadline (daemon/connections.py):
+        TCP served by a pool. Elsewhere each connection enforces it itself."""
+        return (
+            bool(self._io_timeout)
+            and self.address_family != socket.AF_UNIX
+            and self.config.concurrency in ("thread", "fork")
+        )
+
     def connection(self, fd: int) -> socket.socket:
         """The socket object for a connection's descriptor (accepted here or handed over)."""
-        if not self._io_timeout or self._plain_io:
+        if not self._io_timeout:
             return socket.socket(self.address_family, self.socket_type, 0, fileno=fd)
+        if self.watched():
+            return Connection(self.address_family, self.socket_type, 0, fileno=fd)
         sock = IOTimeoutSocket(self.address_family, self.socket_type, 0, fileno=fd)
         sock.start_clock(self._io_timeout)
         return sock
@@ -451,7 +389,9 @@ class ManagedMixIn:
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, RequestCut):
+            return  # the watchdog that cut it off has said so
+        if is_timeout(exc):
             # A client that stalls past `timeout` is not a bug in the handler: no traceback.
             log.warning(
                 "request_timeout",
@@ -515,7 +455,7 @@ class ManagedStreamServer(ManagedMixIn, servers.TCPServer):
     """TCP (IPv4/IPv6) or Unix stream: the family follows the address."""
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        # socket.accept() with our connection class (see IOTimeoutSocket).
+        # socket.accept() with our connection class (see daemon/connections.py).
         fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
         return self.connection(fd), client_address
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .connections import Running, Watchdog
 from .listeners import ManagedMixIn
 
 
@@ -73,7 +74,8 @@ class ThreadPool:
     - close(): stop the threads once idle (after a drain).
 
     `on_idle` is called from a worker thread whenever the pool runs out of work: it must be
-    thread-safe and cheap (the supervisor passes its Wakeup.wake).
+    thread-safe and cheap (the supervisor passes its Wakeup.wake). `call_later` is the loop's
+    timer, for the watchdog of a server whose connections have one (see connections.py).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class ThreadPool:
         workers: int,
         max_queue: int,
         on_idle: Callable[[], None],
+        call_later: Callable[[float, Callable[[], None]], Any] | None = None,
     ) -> None:
         self.server = server
         self.workers = workers
@@ -93,7 +96,12 @@ class ThreadPool:
         self._idle_threads = 0  # threads blocked in get()
         self._waiting = 0  # requests in the queue, not yet taken by a thread
         self._outstanding = 0  # submitted and not finished: running + waiting
-        self._running: set[Any] = set()  # the requests in a handler right now
+        # The requests in a handler right now: request -> (client_address, time.monotonic()).
+        self._running: dict[Any, tuple[Any, float]] = {}
+        self._watchdog: Watchdog | None = None
+        if call_later is not None and server.watched():
+            timeout = server.config.timeout
+            self._watchdog = Watchdog(server.name, timeout, self._running_sockets, call_later)
 
     def submit(self, request: Any, client_address: Any) -> bool:
         with self._lock:
@@ -112,7 +120,13 @@ class ThreadPool:
         if start:
             thread.start()
         self._queue.put((request, client_address))
+        if self._watchdog is not None:
+            self._watchdog.arm()
         return True
+
+    def _running_sockets(self) -> list[Running]:
+        with self._lock:
+            return [(r, address, t) for r, (address, t) in self._running.items()]
 
     def _work(self) -> None:
         run = self.server.run_request
@@ -120,7 +134,7 @@ class ThreadPool:
         lock = self._lock
         counters = self.server.counters
         request_finished = self.server.request_finished
-        perf_counter = time.perf_counter
+        monotonic = time.monotonic
         while True:
             with lock:
                 self._idle_threads += 1
@@ -131,17 +145,17 @@ class ThreadPool:
                     return
                 self._waiting -= 1
                 request, client_address = item
-                self._running.add(request)
-            started = perf_counter()
+                started = monotonic()
+                self._running[request] = (client_address, started)
             ok = False
             try:
                 ok = run(request, client_address)
             finally:
                 with lock:
-                    self._running.discard(request)
+                    del self._running[request]
                     self._outstanding -= 1
                     now_idle = self._outstanding == 0
-                counters.finished(perf_counter() - started, not ok)
+                counters.finished(monotonic() - started, not ok)
                 request_finished(client_address)
                 if now_idle:
                     self._on_idle()
@@ -192,6 +206,8 @@ class ThreadPool:
         return cut
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for _ in self._threads:
             self._queue.put(None)
         for thread in self._threads:

@@ -150,7 +150,9 @@ class ServingMixIn:
         if config.concurrency == "exec":
             return ExecDispatcher(server, self)
         if config.concurrency == "thread":
-            return ThreadPool(server, config.workers, config.max_queue, self._wakeup.wake)
+            return ThreadPool(
+                server, config.workers, config.max_queue, self._wakeup.wake, self.call_later
+            )
         if config.concurrency == "fork":
             return ForkPool(server, config.workers, config.max_queue, self)
         return InlineDispatcher(server)

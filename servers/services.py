@@ -58,11 +58,6 @@ def time_bytes(now: float | None = None) -> bytes:
 class EchoStreamHandler(BaseRequestHandler):
     """RFC 862: send back everything received, until the client closes."""
 
-    # It answers every read, so a timeout on each wait is all the protection it needs, and it
-    # takes EAGAIN (an expired SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket) for the timeout
-    # it is: a server that enforces timeouts that way may hand it the plain socket.
-    answers_every_read = True
-
     def handle(self) -> None:
         recv, sendall = self.request.recv, self.request.sendall
         try:

@@ -114,6 +114,18 @@ class Lines(socketserver.StreamRequestHandler):
             self.wfile.write(line)
 
 
+class Frames(socketserver.BaseRequestHandler):
+    """Lines echoed whole, framed by hand over request.recv (no rfile): stops at end of file."""
+
+    def handle(self):
+        pending = b""
+        while data := self.request.recv(4096):
+            pending += data
+            *lines, pending = pending.split(b"\\n")
+            for line in lines:
+                self.request.sendall(line + b"\\n")
+
+
 SUSPECT_TYPES = {"Supervisor", "ControlServer", "ControlConnection", "SignalWakeup"}
 
 

@@ -25,12 +25,14 @@ SLACK = 1.0  # how much later than `timeout` the daemon may close a stalled conn
 TRICKLE = 0.2
 
 
-def lines_server(name: str, port: int, handlers: str, mode: str, **keys: object) -> str:
+def lines_server(
+    name: str, port: int, handlers: str, mode: str, handler: str = "Lines", **keys: object
+) -> str:
     extra: dict[str, object] = {"workers": 2} if mode != "inline" else {}
     return server_section(
         name,
         listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:Lines",
+        handler=f"{handlers}:{handler}",
         concurrency=mode,
         timeout=TIMEOUT,
         **extra,
@@ -38,9 +40,11 @@ def lines_server(name: str, port: int, handlers: str, mode: str, **keys: object)
     )
 
 
-def seconds_until_closed(port: int, trickle: bool, limit: float) -> float | None:
+def watch_until_closed(port: int, trickle: bool, limit: float) -> tuple[float | None, bytes]:
     """Connect, then send nothing (or one byte per TRICKLE seconds, never a newline) until the
-    daemon closes the connection; seconds from connect to close, None if still open at `limit`."""
+    daemon closes the connection: seconds from connect to close (None if still open at
+    `limit`), and everything the daemon sent meanwhile."""
+    received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         started = time.monotonic()
         deadline = started + limit
@@ -52,22 +56,31 @@ def seconds_until_closed(port: int, trickle: bool, limit: float) -> float | None
                 except ConnectionResetError:
                     data = b""
                 if not data:
-                    return time.monotonic() - started
-                continue  # an echo of something: not a close
+                    return time.monotonic() - started, received
+                received += data
+                continue
             if trickle:
                 try:
                     s.sendall(b"x")
                 except (BrokenPipeError, ConnectionResetError):
-                    return time.monotonic() - started
-        return None
+                    return time.monotonic() - started, received
+        return None, received
+
+
+def seconds_until_closed(port: int, trickle: bool, limit: float) -> float | None:
+    return watch_until_closed(port, trickle, limit)[0]
 
 
 @pytest.mark.parametrize("mode", ["thread", "fork", "inline"])
+@pytest.mark.parametrize("handler", ["Lines", "Frames"])
 def test_silent_client_is_cut_off_by_timeout(
-    start_daemon, tmp_path: Path, handlers: str, mode: str
+    start_daemon, tmp_path: Path, handlers: str, mode: str, handler: str
 ) -> None:
+    # Frames calls request.recv() itself, so an expired wait reaches it as BlockingIOError
+    # (EAGAIN): the daemon still logs it as the timeout it is.
     port = free_port()
-    daemon = start_daemon(daemon_section(tmp_path) + lines_server("lines", port, handlers, mode))
+    config = daemon_section(tmp_path) + lines_server("lines", port, handlers, mode, handler)
+    daemon = start_daemon(config)
     closed_after = seconds_until_closed(port, trickle=False, limit=TIMEOUT + SLACK + 2)
     assert closed_after is not None, "a client that sends nothing is never cut off"
     assert TIMEOUT * 0.8 <= closed_after <= TIMEOUT + SLACK, closed_after
@@ -89,6 +102,78 @@ def test_slowloris_is_cut_off_by_timeout(
         f"a slowloris trickling a byte every {TRICKLE}s was still connected after "
         f"{TIMEOUT + SLACK}s with timeout = {TIMEOUT}"
     )
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork", "inline"])
+@pytest.mark.parametrize("handler", ["Lines", "Frames"])
+def test_slowloris_is_cut_off_without_its_half_line_being_answered(
+    start_daemon, tmp_path: Path, handlers: str, mode: str, handler: str
+) -> None:
+    # Lines reads with rfile.readline(), Frames frames request.recv() by hand: neither may
+    # take the trickled, never finished line for a whole one when the daemon cuts it off.
+    port = free_port()
+    config = daemon_section(tmp_path) + lines_server("lines", port, handlers, mode, handler)
+    daemon = start_daemon(config)
+    closed_after, received = watch_until_closed(port, trickle=True, limit=TIMEOUT + SLACK)
+    assert closed_after is not None, f"{handler} ({mode}): a slowloris was never cut off"
+    assert received == b"", f"{handler} ({mode}) answered half a line: {received!r}"
+    daemon.wait_event("request_timeout", server="lines")
+    assert echo_roundtrip(port, b"whole\n") == b"whole\n"
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork"])
+@pytest.mark.parametrize("handler", ["Lines", "Frames"])
+def test_a_client_answered_within_timeout_keeps_its_connection(
+    start_daemon, tmp_path: Path, handlers: str, mode: str, handler: str
+) -> None:
+    # One connection, one line every TIMEOUT / 4 for three times TIMEOUT: each is answered
+    # well within `timeout`, so the connection lives on however long it lasts in all.
+    port = free_port()
+    config = daemon_section(tmp_path) + server_section(
+        "lines",
+        listen=f"127.0.0.1:{port}",
+        handler=f"{handlers}:{handler}",
+        concurrency=mode,
+        workers=2,
+        timeout=TIMEOUT,
+    )
+    daemon = start_daemon(config)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        reader = s.makefile("rb")
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < 3 * TIMEOUT:
+            s.sendall(b"line %d\n" % n)
+            assert reader.readline() == b"line %d\n" % n, f"cut off after {n} lines"
+            n += 1
+            time.sleep(TIMEOUT / 4)
+        reader.close()
+    assert n >= 8
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["thread", "fork"])
+def test_a_reply_later_than_timeout_still_reaches_the_client(
+    start_daemon, tmp_path: Path, handlers: str, mode: str
+) -> None:
+    # The handler takes twice `timeout` to answer: the watchdog shuts the connection for
+    # reading (and says so), but the reply it was computing still goes out.
+    port = free_port()
+    config = daemon_section(tmp_path) + server_section(
+        "slow",
+        listen=f"127.0.0.1:{port}",
+        handler=f"{handlers}:SlowEcho",
+        concurrency=mode,
+        workers=2,
+        timeout=TIMEOUT,
+        options={"delay": 2 * TIMEOUT},
+    )
+    daemon = start_daemon(config)
+    assert echo_roundtrip(port, b"worth the wait\n") == b"worth the wait\n"
+    event = daemon.wait_event("request_timeout", server="slow")
+    assert event["reason"] == "nothing sent to the client"
+    assert daemon.stop() == 0
 
 
 def test_idle_connections_cost_only_their_server_queue_and_never_delay_others(
