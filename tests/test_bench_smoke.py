@@ -1,9 +1,9 @@
 """Smoke test of the benchmark: `scripts/bench.py --quick` runs, reports, and cleans up.
 
-It exercises the load generator's build, both load modes and the results files; it checks the
-stdlib ThreadingTCPServer peer's figures only, since selectd targets are skipped while the daemon
-cannot start. Every process the benchmark starts inherits a marker in its environment, so the
-test can tell whether any of them outlived the run.
+It exercises the load generator's build, both load modes, selectd (thread and fork pools) and
+two stdlib peers side by side, the paired ratios and the results files. Every process the
+benchmark starts inherits a marker in its environment, so the test can tell whether any of them
+outlived the run.
 """
 
 from __future__ import annotations
@@ -59,10 +59,17 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
 
     data = json.loads((results / "results.json").read_text())
     assert (results / "results.md").read_text().startswith("# selectd benchmark")
-    runs = [r for r in data["runs"] if r["target"] == "ThreadingTCPServer"]
-    assert {r["mode"] for r in runs} == {"conn", "rtt"}
-    for run in runs:
-        assert run["ops"] > 0, run
-        assert run["errors_total"] == 0, run
-        assert run["per_conn_min"] > 0, run  # every client was served
-    assert any(r["target"] == "ThreadingTCPServer" for r in data["scale"])
+    assert not [n for n in data["notes"] if "skipped" in n], data["notes"]
+    for target in ("ThreadingTCPServer", "asyncio", "selectd-thread", "selectd-fork"):
+        runs = [r for r in data["runs"] if r["target"] == target]
+        assert {r["mode"] for r in runs} == {"conn", "rtt"}, target
+        for run in runs:
+            assert run["ops"] > 0, run
+            assert run["errors_total"] == 0, run
+            assert run["per_conn_min"] > 0, run  # every client was served
+    pairs = {(r["selectd"], r["peer"], r["mode"]) for r in data["ratios"]}
+    assert ("selectd-thread", "ThreadingTCPServer", "rtt") in pairs
+    assert ("selectd-fork", "asyncio", "conn") in pairs
+    for row in data["ratios"]:
+        assert row["rounds"] == 1 and row["ratio"]["median"] > 0, row
+    assert {r["target"] for r in data["scale"]} == {"ThreadingTCPServer", "selectd"}

@@ -34,6 +34,7 @@ from .proctree import become_subreaper, machine_busy_pct, reap_orphans
 from .report import (
     markdown_report,
     ratio_lines,
+    ratios,
     scale_table,
     summarize,
     throughput_table,
@@ -71,8 +72,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny CI run (~15 s)")
     parser.add_argument("--only", help="comma-separated target names (case-insensitive)")
     parser.add_argument("--results", type=Path, help="output directory")
-    parser.add_argument("--duration", type=float, help="measured seconds per run (5; quick 0.5)")
-    parser.add_argument("--repeats", type=int, help="A/B rounds (3; quick 1)")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (3; quick 0.5)")
+    parser.add_argument("--repeats", type=int, help="A/B rounds (5; quick 1)")
     parser.add_argument("--clients", type=int, help="concurrent clients (32; quick 4)")
     parser.add_argument("--sweep", action="store_true", help="clients 1, 8, 32, 128")
     parser.add_argument("--line-bytes", type=int, default=64, help="bytes per line (64)")
@@ -101,8 +102,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         clients = (args.clients or (4 if quick else 32),)
     plan = LoadPlan(
         clients=clients,
-        repeats=args.repeats or (1 if quick else 3),
-        duration=args.duration or (0.5 if quick else 5.0),
+        repeats=args.repeats or (1 if quick else 5),
+        duration=args.duration or (0.5 if quick else 3.0),
         warmup=0.2 if quick else 0.5,
         disturbed_retries=0 if quick else 2,  # quick stays bounded for CI
         line_bytes=args.line_bytes,
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reap_orphans()
 
     summary = summarize(records)
+    ratio_rows = ratios(records, summary)
     for warning in warning_lines(summary):
         note(warning)
     meta = {
@@ -253,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(throughput_table(summary))
     print()
-    for line in ratio_lines(summary) or ["selectd/peer ratios: no selectd figures (see notes)"]:
+    for line in ratio_lines(ratio_rows) or ["selectd/peer ratios: no selectd figures (see notes)"]:
         print(line)
     if scale_records:
         print()
@@ -262,12 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meta": meta,
         "runs": records,
         "summary": summary,
-        "ratios": ratio_lines(summary),
+        "ratios": ratio_rows,
         "scale": scale_records,
         "notes": notes,
     }
     json_path, md_path = write_results(
-        settings.results, payload, markdown_report(meta, summary, scale_records, notes)
+        settings.results, payload, markdown_report(meta, summary, ratio_rows, scale_records, notes)
     )
     print(f"\nresults: {json_path} {md_path}")
     return 0

@@ -7,10 +7,10 @@ Usage (the benchmark starts these itself; by hand, from scripts/):
     python3 -m bench.peers asyncio 127.0.0.1 20001
     python3 -m bench.peers threading-many 127.0.0.1 20001 1000   # ports 20001..21000
 
-Every peer serves the same echo as selectd's built-in service (servers/services.py
-EchoStreamHandler): recv up to 64 KiB, send it back, until the client closes. The socketserver
-handler deliberately mirrors that class (BaseRequestHandler, request.recv/sendall) rather than
-using StreamRequestHandler's rfile/wfile, so every server runs the same per-connection code.
+Every server serves the same echo: recv up to 64 KiB, send it back, until the client closes.
+EchoHandler below is it for the socketserver peers and for selectd itself (its targets load
+`bench.peers:EchoHandler`); it is the same loop as selectd's built-in echo
+(servers/services.py EchoStreamHandler), and asyncio runs that loop over streams.
 
 This module uses the standard library only, and nothing from the bench package, so that what is
 measured is stock socketserver and asyncio. A peer runs until it is sent SIGTERM.

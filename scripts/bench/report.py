@@ -3,7 +3,8 @@
 Usage:
 
     summary = summarize(records)                # one row per (target, mode, clients)
-    lines = ratio_lines(summary)  # ["selectd-thread conn/s vs ThreadingTCPServer: 2.3x ...", ...]
+    rows = ratios(records, summary)             # paired selectd/peer ratios
+    lines = ratio_lines(rows)  # ["selectd-thread conn/s vs ThreadingTCPServer: 2.30x [...] ...]
     print(throughput_table(summary))
     write_results(results_dir, payload, markdown)
 
@@ -40,11 +41,11 @@ _FIGURES = (
 _UNITS = {"conn": "conn/s", "rtt": "rtt/s"}
 
 
-def _spread(values: Sequence[float]) -> dict[str, float]:
+def _spread(values: Sequence[float], digits: int = 1) -> dict[str, float]:
     return {
-        "median": round(statistics.median(values), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
     }
 
 
@@ -81,21 +82,38 @@ def _median(row: Record, figure: str) -> float:
     return float(spread["median"])
 
 
-def ratios(summary: Sequence[Record]) -> list[Record]:
-    """selectd/peer ratio of median ops/s for every selectd target, peer, mode and client count."""
+def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]:
+    """selectd/peer ratios of ops/s for every selectd target, peer, mode and client count.
+
+    Paired: each round's selectd figure over the same round's peer figure (the two ran within
+    seconds of each other), then the median of those, with their min-max. `ratio_of_medians`
+    is kept beside it for comparison.
+    """
+    ops: dict[tuple[object, object, object], dict[object, float]] = {}
+    for r in records:
+        ops.setdefault((r["target"], r["mode"], r["clients"]), {})[r["repeat"]] = float(
+            r["ops_per_sec"]
+        )
     out = []
     for s in (r for r in summary if r["kind"] == SELECTD):
         for p in (r for r in summary if r["kind"] == PEER):
             if (s["mode"], s["clients"]) != (p["mode"], p["clients"]):
                 continue
-            peer_ops = _median(p, "ops_per_sec")
+            mine = ops[(s["target"], s["mode"], s["clients"])]
+            theirs = ops[(p["target"], p["mode"], p["clients"])]
+            paired = [mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]]
+            peer_median = _median(p, "ops_per_sec")
             out.append(
                 {
                     "selectd": s["target"],
                     "peer": p["target"],
                     "mode": s["mode"],
                     "clients": s["clients"],
-                    "ratio": round(_median(s, "ops_per_sec") / peer_ops, 2) if peer_ops else None,
+                    "ratio": _spread(paired, 2) if paired else None,
+                    "rounds": len(paired),
+                    "ratio_of_medians": (
+                        round(_median(s, "ops_per_sec") / peer_median, 2) if peer_median else None
+                    ),
                     "selectd_starved": s["starved_max"],
                     "peer_starved": p["starved_max"],
                 }
@@ -103,18 +121,28 @@ def ratios(summary: Sequence[Record]) -> list[Record]:
     return out
 
 
-def ratio_lines(summary: Sequence[Record]) -> list[str]:
-    """One line per ratio: "selectd-thread conn/s vs ThreadingTCPServer: 2.30x (32 clients)"."""
+def ratio_lines(rows: Sequence[Record]) -> list[str]:
+    """One line per ratio (from ratios()):
+    "selectd-thread conn/s vs ThreadingTCPServer: 2.30x [2.10-2.41] (5 rounds, 32 clients)"."""
     lines = []
-    for r in ratios(summary):
-        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    for r in rows:
+        spread = r["ratio"]
+        if spread is None:
+            ratio = "n/a"
+        elif spread["min"] == spread["max"]:
+            ratio = f"{spread['median']:.2f}x"
+        else:
+            ratio = f"{spread['median']:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
         unit = _UNITS.get(str(r["mode"]), str(r["mode"]))
-        caveats = [f"{r['clients']} client{'s' if r['clients'] != 1 else ''}"]
+        caveats = [
+            f"{r['rounds']} round{'s' if r['rounds'] != 1 else ''}",
+            f"{r['clients']} client{'s' if r['clients'] != 1 else ''}",
+        ]
         # A server that leaves clients unserved can post a high rate from the ones it serves.
         for side in ("selectd", "peer"):
             if r[f"{side}_starved"]:
                 caveats.append(f"{r[side]} left {r[f'{side}_starved']} unserved")
-        lines.append(f"{r['selectd']} {unit} vs {r['peer']}: {ratio} ({'; '.join(caveats)})")
+        lines.append(f"{r['selectd']} {unit} vs {r['peer']}: {ratio} ({', '.join(caveats)})")
     return lines
 
 
@@ -248,7 +276,11 @@ def scale_table(records: Sequence[Record], markdown: bool = False) -> str:
 
 
 def markdown_report(
-    meta: Record, summary: Sequence[Record], scale: Sequence[Record], notes: Sequence[str]
+    meta: Record,
+    summary: Sequence[Record],
+    ratio_rows: Sequence[Record],
+    scale: Sequence[Record],
+    notes: Sequence[str],
 ) -> str:
     """The whole report as markdown: setup, throughput, ratios, scale, notes."""
     parts = [
@@ -269,7 +301,10 @@ def markdown_report(
         "",
         "## selectd / peer",
         "",
-        *(f"- {line}" for line in ratio_lines(summary) or ["(no selectd figures)"]),
+        "Each round ran every target once, one after the other; a ratio is the median over the "
+        "rounds of selectd's figure divided by the peer's in the same round [min-max].",
+        "",
+        *(f"- {line}" for line in ratio_lines(ratio_rows) or ["(no selectd figures)"]),
         "",
     ]
     if scale:

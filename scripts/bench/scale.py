@@ -4,8 +4,8 @@ Usage:
 
     records = run_scale((10, 100, 1000), ports, loadgen_binary, ScalePlan(), note=print)
 
-For each N: selectd with N servers (consecutive ports, handler echo) against one process running
-N ThreadingTCPServers, each in serve_forever in its own thread. Figures per target:
+For each N: selectd with N servers (consecutive ports, the peers' echo handler) against one
+process running N ThreadingTCPServers, each in serve_forever in its own thread. Figures per target:
 
 - ready_s: from exec to every one of the N ports accepting;
 - rss_mb / pss_mb: memory of the process and its children once idle;

@@ -21,7 +21,7 @@ from pathlib import Path
 import tomli_w
 
 from .ports import PortAllocator
-from .targets import REPO_DIR, SELECTD, ProcessTarget, python_env
+from .targets import REPO_DIR, SCRIPTS_DIR, SELECTD, ProcessTarget, python_env
 
 # Thread pool size for the selectd-thread target: one thread per client at the default 32 clients.
 THREAD_WORKERS = 32
@@ -33,6 +33,9 @@ FORK_WORKERS = 32
 MAX_QUEUE = 1024
 REQUEST_QUEUE_SIZE = 1024
 TIMEOUT = 30
+# The peers' own handler class (bench/peers.py), so that every server runs the same code per
+# connection and selectd gets no built-in of its own; the daemon imports it from scripts/.
+HANDLER = "bench.peers:EchoHandler"
 
 
 @functools.cache
@@ -61,12 +64,12 @@ def selectd_config(
     concurrency: str,
     workers: int,
 ) -> dict[str, object]:
-    """The daemon config: one echo server per port, all alike."""
+    """The daemon config: one echo server per port, all alike, enforcing TIMEOUT."""
     width = len(str(len(ports) - 1))
     servers = {
         ("echo" if len(ports) == 1 else f"echo{i:0{width}d}"): {
             "listen": f"{host}:{port}",
-            "handler": "echo",
+            "handler": HANDLER,
             "concurrency": concurrency,
             "workers": workers,
             "max_queue": MAX_QUEUE,
@@ -114,4 +117,4 @@ class SelectdTarget(ProcessTarget):
         return REPO_DIR
 
     def env(self) -> dict[str, str]:
-        return python_env(REPO_DIR)
+        return python_env(REPO_DIR, SCRIPTS_DIR)

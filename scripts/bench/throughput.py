@@ -5,9 +5,12 @@ Usage:
     plan = LoadPlan(modes=("conn", "rtt"), clients=(32,), repeats=3, duration=5.0)
     records = run_throughput(targets, plan, loadgen_binary, note=print)
 
-For repeat r the targets run in an order rotated by r, so a slow drift of the machine (thermal,
-a neighbour's load) is spread over all targets instead of landing on whichever ran last. Each
-target is started afresh per repeat, then serves every (clients, mode) of the plan.
+Every target is started once and kept running (idle between its runs). Then, for each (clients,
+mode) of the plan, the targets take turns: round r runs each of them once, in an order rotated
+by r, so that a figure and its peer's are measured within seconds of each other. This machine's
+speed drifts by a factor of two over minutes (a neighbour's load on the host), and what would
+otherwise decide a ratio is which phase each side happened to run in; report.py compares each
+round's figures with each other (paired ratios) before taking medians.
 
 One record per run: the generator's figures plus the server's CPU over the measured window.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .loadgen import LoadgenError, LoadSpec, run_loadgen
 from .proctree import ProcessTree, TreeSample, system_busy_s, wait_until_quiet
@@ -25,6 +28,7 @@ from .targets import Running, Target, TargetUnavailable
 
 Record = dict[str, Any]  # as stored in results.json
 Note = Callable[[str], None]
+T = TypeVar("T")
 
 # Above this share of one core used by neither server nor generator, a run counts as disturbed
 # by the rest of the machine (some of it is the kernel's own softirq work, so it is rarely 0).
@@ -59,8 +63,8 @@ class LoadPlan:
         )
 
 
-def rotated(items: Sequence[Target], by: int) -> list[Target]:
-    """items rotated left by `by` places: the A/B order of one repeat."""
+def _rotated(items: Sequence[T], by: int) -> list[T]:
+    """items rotated left by `by` places: the A/B order of one round."""
     if not items:
         return []
     k = by % len(items)
@@ -164,24 +168,21 @@ def run_throughput(
         else:
             active.append(target)
     records: list[Record] = []
-    failed: set[str] = set()
-    for repeat in range(1, plan.repeats + 1):
-        for target in rotated(active, repeat - 1):
-            if target.name in failed:
-                continue
+    running: list[tuple[Target, Running]] = []
+    try:
+        for target in active:
             try:
-                running = target.start()
+                running.append((target, target.start()))
             except TargetUnavailable as exc:
                 note(f"{target.name}: skipped: did not come up: {exc}")
-                failed.add(target.name)
-                continue
-            try:
-                for clients in plan.clients:
-                    for mode in plan.modes:
-                        spec = plan.spec(mode, clients)
+        for clients in plan.clients:
+            for mode in plan.modes:
+                spec = plan.spec(mode, clients)
+                for repeat in range(1, plan.repeats + 1):
+                    for target, started in _rotated(running, repeat - 1):
                         try:
                             measured, tries = measure_undisturbed(
-                                binary, host, running, spec, plan.disturbed_retries, progress
+                                binary, host, started, spec, plan.disturbed_retries, progress
                             )
                         except LoadgenError as exc:
                             note(f"{target.name} {mode} c={clients} repeat {repeat}: {exc}")
@@ -190,8 +191,9 @@ def run_throughput(
                         record["tries"] = tries
                         records.append(record)
                         progress(_progress_line(record))
-            finally:
-                target.stop()
+    finally:
+        for target, _started in running:
+            target.stop()
     return records
 
 
