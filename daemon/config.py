@@ -110,6 +110,7 @@ class DaemonConfig:
     user: str | None
     group: str | None
     metrics_listen: Address | None = None  # HTTP /metrics and /healthz, when set
+    thread_cpu: int | None = None  # the one CPU every thread pool runs on, when set
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,8 @@ DAEMON_FIELDS: Final[Mapping[str, Field]] = {
     "user": Field(nonempty_string),
     "group": Field(nonempty_string),
     "metrics_listen": Field(inet_listen, dump=str),
+    # Whether this process may run there is checked at startup.
+    "thread_cpu": Field(integer(0, 4095)),
 }
 
 DEFAULT_WORKERS: Final = {"thread": 16, "fork": 4, "inline": 1}

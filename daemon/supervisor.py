@@ -102,6 +102,8 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         self._forced = 0
         self._hard_deadline: Timer | None = None
         self.exit_status = ExitStatus.OK
+        # Fixed for the daemon's life: a reload that changes it says a restart is needed.
+        self.thread_cpu = config.daemon.thread_cpu
 
     # -- running -----------------------------------------------------------------------------
 
@@ -126,6 +128,7 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         self.watch(self._wakeup.fileno(), self._wakeup.drain)
         self.inherited = systemd.listen_fds()
         identity = privileges.resolve(daemon.user, daemon.group)
+        _check_thread_cpu(daemon.thread_cpu)
         if daemon.pidfile:
             pidfile.check(daemon.pidfile, upgrade.predecessor())
         # The control socket first: if another selectd already runs this config, that is the
@@ -439,3 +442,16 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         if self._forced:
             self.exit_status = ExitStatus.RUNTIME
         self.phase = Phase.STOPPED
+
+
+def _check_thread_cpu(cpu: int | None) -> None:
+    """DaemonError unless `cpu` (daemon.thread_cpu) is one this process may run on."""
+    if cpu is None:
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu not in allowed:
+        raise DaemonError(
+            f"daemon.thread_cpu: CPU {cpu} is not one selectd may run on "
+            f"(allowed: {', '.join(map(str, allowed))})",
+            ExitStatus.USAGE,
+        )

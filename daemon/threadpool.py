@@ -11,6 +11,7 @@ drain completes without polling.
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -75,7 +76,8 @@ class ThreadPool:
 
     `on_idle` is called from a worker thread whenever the pool runs out of work: it must be
     thread-safe and cheap (the supervisor passes its Wakeup.wake). `call_later` is the loop's
-    timer, for the watchdog of a server whose connections have one (see connections.py).
+    timer, for the watchdog of a server whose connections have one (see connections.py). With
+    `cpu`, every thread of the pool runs on that CPU only ([daemon] thread_cpu).
     """
 
     def __init__(
@@ -85,8 +87,10 @@ class ThreadPool:
         max_queue: int,
         on_idle: Callable[[], None],
         call_later: Callable[[float, Callable[[], None]], Any] | None = None,
+        cpu: int | None = None,
     ) -> None:
         self.server = server
+        self._cpu = cpu
         self.workers = workers
         self.max_queue = max_queue
         self._on_idle = on_idle
@@ -129,6 +133,10 @@ class ThreadPool:
             return [(r, address, t) for r, (address, t) in self._running.items()]
 
     def _work(self) -> None:
+        if self._cpu is not None:
+            # Threads share one GIL: on one CPU, handing it over is a local wake-up, where
+            # across CPUs every hand-over is an inter-processor one (README, "thread_cpu").
+            os.sched_setaffinity(0, {self._cpu})
         run = self.server.run_request
         get = self._queue.get
         lock = self._lock

@@ -87,6 +87,7 @@ class ServingMixIn:
     phase: Phase
     _handing_off: bool
     _wakeup: Any
+    thread_cpu: int | None
     watch: Callable[..., None]
     unwatch: Callable[[int], None]
     call_later: Callable[[float, Callable[[], None]], Timer]
@@ -151,7 +152,12 @@ class ServingMixIn:
             return ExecDispatcher(server, self)
         if config.concurrency == "thread":
             return ThreadPool(
-                server, config.workers, config.max_queue, self._wakeup.wake, self.call_later
+                server,
+                config.workers,
+                config.max_queue,
+                self._wakeup.wake,
+                self.call_later,
+                self.thread_cpu,
             )
         if config.concurrency == "fork":
             return ForkPool(server, config.workers, config.max_queue, self)

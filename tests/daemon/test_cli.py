@@ -61,6 +61,7 @@ def test_check_reports_each_problem_with_its_key_path(tmp_path: Path) -> None:
         "[servers.a\nlisten=",  # TOML syntax error
         "\x00\xff binary",
         '[daemon]\nshutdown_timeout = "soon"\n',
+        "[daemon]\nthread_cpu = -1\n",
     ],
 )
 def test_run_with_a_bad_config_exits_2_without_traceback(tmp_path: Path, text: str) -> None:
@@ -69,6 +70,20 @@ def test_run_with_a_bad_config_exits_2_without_traceback(tmp_path: Path, text: s
     result = selectd("run", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip()
+    assert "Traceback" not in result.stderr
+
+
+def test_thread_cpu_this_process_may_not_run_on_exits_2_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.toml"
+    cpu = max(os.sched_getaffinity(0)) + 1  # a CPU number this machine does not let us use
+    path.write_text(
+        f'[daemon]\ncontrol_socket = "{tmp_path}/c.sock"\nthread_cpu = {cpu}\n'
+        f'[servers.echo]\nlisten = "127.0.0.1:0"\nhandler = "echo"\n'
+    )
+    assert selectd("check", "-c", str(path)).returncode == 0  # a machine-independent config
+    result = selectd("run", "-c", str(path))
+    assert result.returncode == 2
+    assert f"daemon.thread_cpu: CPU {cpu} is not one selectd may run on" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -194,6 +194,38 @@ def test_each_concurrency_mode_serves(start_daemon, tmp_path: Path, mode: str) -
     assert daemon.stop() == 0
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell apart")
+def test_thread_cpu_puts_thread_pools_on_one_cpu_and_nothing_else(
+    start_daemon, tmp_path: Path
+) -> None:
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    thread_port, fork_port = free_port(), free_port()
+    config = daemon_section(tmp_path, thread_cpu=cpu)
+    config += server_section(
+        "threads", listen=f"127.0.0.1:{thread_port}", handler="echo", workers=4
+    )
+    config += server_section(
+        "forks", listen=f"127.0.0.1:{fork_port}", handler="echo", concurrency="fork", workers=2
+    )
+    daemon = start_daemon(config)
+    for _ in range(8):
+        assert echo_roundtrip(thread_port) == b"hello\n"
+        assert echo_roundtrip(fork_port) == b"hello\n"
+    pool_threads = [t.id for t in psutil.Process(daemon.pid).threads() if t.id != daemon.pid]
+    assert pool_threads, "the thread pool started no thread"
+    for tid in pool_threads:
+        assert os.sched_getaffinity(tid) == {cpu}, f"pool thread {tid}"
+    # The loop itself, and the fork workers (processes of their own, no GIL to share), keep
+    # every CPU.
+    assert os.sched_getaffinity(daemon.pid) == allowed
+    workers = daemon.children()
+    assert len(workers) == 2
+    for worker in workers:
+        assert os.sched_getaffinity(worker.pid) == allowed, f"fork worker {worker.pid}"
+    assert daemon.stop() == 0
+
+
 def test_fork_pool_is_preforked_and_reused(start_daemon, tmp_path: Path, handlers: str) -> None:
     port = free_port()
     config = daemon_section(tmp_path) + server_section(
