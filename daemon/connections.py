@@ -82,12 +82,14 @@ class Connection(socket.socket):
 
     __slots__ = ()
 
-    def recv_into(self, *args: Any) -> int:
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         try:
-            n = _recv_into(self, *args)
+            n = _recv_into(self, buffer, nbytes, flags)
         except BlockingIOError:
+            if flags & socket.MSG_DONTWAIT:
+                raise  # asked not to wait: "no data yet" is the answer, not a timeout
             raise TimeoutError("timed out") from None
-        if n == 0 and was_cut(self):
+        if n == 0 and (nbytes or len(buffer)) and was_cut(self):
             raise RequestCut("cut off: nothing was sent to the client within the timeout")
         return n
 
