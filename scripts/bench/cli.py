@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .loadgen import LoadgenError, build_loadgen, default_source_addrs
+from .loadgen import DEFAULT_SOURCE_ADDRS, LoadgenError, build_loadgen
 from .ports import PortAllocator
 from .proctree import become_subreaper, machine_busy_pct, reap_orphans
 from .report import (
@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--source-addrs",
         type=int,
-        help="spread connections over 127.0.0.1..K (default: 1, or 16 if tcp_tw_reuse is 0)",
+        help=f"conn mode: spread connections over 127.0.0.1..K ({DEFAULT_SOURCE_ADDRS}; xinetd: 1)",
     )
     section = parser.add_mutually_exclusive_group()
     section.add_argument("--scale", action="store_true", help="only the idle and scale section")
@@ -108,7 +108,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         disturbed_retries=0 if quick else 2,  # quick stays bounded for CI
         line_bytes=args.line_bytes,
         loadgen_threads=args.loadgen_threads,
-        source_addrs=args.source_addrs or default_source_addrs(),
+        source_addrs=args.source_addrs or DEFAULT_SOURCE_ADDRS,
     )
     only: tuple[str, ...] | None = None
     if args.only:

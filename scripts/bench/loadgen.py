@@ -61,17 +61,11 @@ def build_loadgen(build_dir: Path = BUILD_DIR) -> Path:
     return binary
 
 
-def default_source_addrs() -> int:
-    """How many 127.0.0.X source addresses conn mode needs here (see loadgen.c's comment).
-
-    1 when the kernel reuses loopback TIME_WAIT ports itself (net.ipv4.tcp_tw_reuse 1 or 2),
-    else 16, to keep ~450k 4-tuples available instead of ~28k.
-    """
-    try:
-        reuse = Path("/proc/sys/net/ipv4/tcp_tw_reuse").read_text().strip()
-    except OSError:
-        return 1
-    return 16 if reuse == "0" else 1
+# Conn mode spreads connections over this many source addresses, 127.0.0.1..16, by default. With
+# one, the generator's own connect() is what limits a fast server: it searches ~28k ephemeral
+# ports, most in TIME_WAIT, for a reusable one (a quarter of its samples under perf at 14k
+# connections/s, where asyncio and selectd then both stopped); sixteen give ~450k 4-tuples.
+DEFAULT_SOURCE_ADDRS = 16
 
 
 @dataclass(frozen=True)

@@ -63,11 +63,13 @@ class Running:
 class Target(ABC):
     """Something that serves the echo on loopback and can be started and stopped.
 
-    Class variables: kind (SELECTD or PEER).
+    Class variables: kind (SELECTD or PEER); max_source_addrs (a cap on conn mode's -s, or None).
     Methods for the caller: unavailable(), start(), stop().
     """
 
     kind: str = PEER
+    # At most this many conn-mode source addresses (see loadgen.py DEFAULT_SOURCE_ADDRS).
+    max_source_addrs: int | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name

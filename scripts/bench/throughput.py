@@ -48,10 +48,13 @@ class LoadPlan:
     warmup: float = 0.5
     line_bytes: int = 64
     loadgen_threads: int = 1
-    source_addrs: int = 1
+    source_addrs: int = 16
     disturbed_retries: int = 2  # runs again a run that other processes disturbed, this often
 
-    def spec(self, mode: str, clients: int) -> LoadSpec:
+    def spec(self, mode: str, clients: int, max_source_addrs: int | None = None) -> LoadSpec:
+        source_addrs = self.source_addrs
+        if max_source_addrs is not None:
+            source_addrs = min(source_addrs, max_source_addrs)
         return LoadSpec(
             mode=mode,
             clients=clients,
@@ -59,7 +62,7 @@ class LoadPlan:
             warmup=self.warmup,
             line_bytes=self.line_bytes,
             threads=self.loadgen_threads,
-            source_addrs=self.source_addrs,
+            source_addrs=source_addrs,
         )
 
 
@@ -177,9 +180,9 @@ def run_throughput(
                 note(f"{target.name}: skipped: did not come up: {exc}")
         for clients in plan.clients:
             for mode in plan.modes:
-                spec = plan.spec(mode, clients)
                 for repeat in range(1, plan.repeats + 1):
                     for target, started in _rotated(running, repeat - 1):
+                        spec = plan.spec(mode, clients, target.max_source_addrs)
                         try:
                             measured, tries = measure_undisturbed(
                                 binary, host, started, spec, plan.disturbed_retries, progress
@@ -189,6 +192,7 @@ def run_throughput(
                             continue
                         record = to_record(target, repeat, measured)
                         record["tries"] = tries
+                        record["source_addrs"] = spec.source_addrs
                         records.append(record)
                         progress(_progress_line(record))
     finally:
