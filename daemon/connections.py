@@ -119,6 +119,22 @@ def quiet_seconds(sock: socket.socket) -> float | None:
     return _LAST_DATA_SENT.unpack_from(info, _LAST_DATA_SENT_OFFSET)[0] / 1000.0
 
 
+def shut(sock: socket.socket, how: int) -> bool:
+    """shutdown(how) on a socket another thread may be closing; False if it already was.
+
+    Under the lock a Connection's close takes, so the number is never one just reused for
+    something else.
+    """
+    with _FD_LOCK:
+        if sock.fileno() < 0:
+            return False
+        try:
+            sock.shutdown(how)
+        except OSError:
+            return False
+    return True
+
+
 class IOTimeoutSocket(socket.socket):
     """A connection that enforces its own request deadline, for where no watchdog can.
 
@@ -221,15 +237,11 @@ class Watchdog:
             if sock in self._cut:
                 continue
             with _FD_LOCK:
-                if sock.fileno() < 0:
-                    continue
-                quiet = quiet_seconds(sock)
-                if quiet is None or min(quiet, now - started) < self.timeout:
-                    continue
-                try:
-                    sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    continue
+                quiet = quiet_seconds(sock)  # None once closed
+            if quiet is None or min(quiet, now - started) < self.timeout:
+                continue
+            if not shut(sock, socket.SHUT_RD):
+                continue
             self._cut.add(sock)
             log.warning(
                 "request_timeout",

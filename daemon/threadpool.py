@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .connections import Running, Watchdog
+from .connections import Running, Watchdog, shut
 from .listeners import ManagedMixIn
 
 
@@ -202,12 +202,8 @@ class ThreadPool:
         with self._lock:
             running = list(self._running)
         for request in running:
-            sock = request if isinstance(request, socket.socket) else None
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked in recv/send
-                except OSError:
-                    pass
+            if isinstance(request, socket.socket):
+                shut(request, socket.SHUT_RDWR)  # wakes a handler blocked in recv/send
             cut += 1
         if self._outstanding == 0:
             self._on_idle()
