@@ -1,19 +1,21 @@
 """Connection sockets that hold a client to its server's `timeout`, and the watchdog that helps.
 
-`timeout` makes two promises (README, "Guarantees"): no single wait on a client lasts longer,
-and a client cannot hold a worker by trickling a request a byte at a time. The first is kept by
-SO_RCVTIMEO/SO_SNDTIMEO on the blocking socket, at no cost per call. The second needs to know
-when the server last replied, and how that is learnt decides what every recv costs:
+`timeout` makes two promises (README, "Timeouts"): a client that stops reading, stops sending,
+or trickles a request a byte at a time cannot hold a worker for longer. How each is kept
+decides what every recv and send costs:
 
+- Sends: SO_SNDTIMEO on the blocking socket, everywhere. It costs nothing until a send blocks.
 - TCP connections served by a thread or fork pool are `Connection`s: recv and send are the C
-  methods, untouched. The `Watchdog`, run by the loop every quarter `timeout` while the pool has
+  methods, untouched, and the socket has no SO_RCVTIMEO (whose timer a blocking recv would arm
+  on every wait). The `Watchdog`, run by the loop every quarter `timeout` while the pool has
   requests, reads each connection's TCP_INFO: a connection that has been sent nothing for
-  `timeout` (since its request started, or since the last data sent) is shut for reading. The
-  handler then sees end of file (a stdlib rfile reader sees `RequestCut`, a TimeoutError, so that
-  half a line is never taken for a whole one) and may still send its reply.
+  `timeout` (since its request started, or since the last data sent), whether its client is
+  silent or trickling, is shut for reading. The handler then sees end of file (a stdlib rfile
+  reader sees `RequestCut`, a TimeoutError, so that half a line is never taken for a whole one)
+  and may still send its reply.
 - Unix stream connections (no TCP_INFO) and inline servers (whose handler holds the loop, so no
-  watchdog can run) are `IOTimeoutSocket`s: each recv checks the request deadline itself, and
-  each send moves it on. That costs a Python call per I/O.
+  watchdog can run) are `IOTimeoutSocket`s with SO_RCVTIMEO too: each recv checks the request
+  deadline itself, and each send moves it on. That costs a Python call per I/O.
 
 An expired SO_RCVTIMEO/SO_SNDTIMEO surfaces as EAGAIN: BlockingIOError from a direct recv/send,
 TimeoutError from an rfile reader and from IOTimeoutSocket. The servers log either as
@@ -56,11 +58,11 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
-def set_io_timeout(sock: socket.socket, seconds: float) -> None:
-    """Blocking recv/send on `sock` give up after `seconds` (EAGAIN) with no per-call cost."""
-    value = _timeval(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+def set_io_timeout(sock: socket.socket, seconds: float, recv: bool = True) -> None:
+    """Blocking send (and recv, unless `recv` is false: then it never gives up) on `sock` give
+    up after `seconds` (EAGAIN), with no per-call cost."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds if recv else 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
 
 
 class RequestCut(TimeoutError):

@@ -230,7 +230,9 @@ class ManagedMixIn:
     def _set_listener_timeout(self) -> None:
         # TCP connections inherit SO_RCVTIMEO/SO_SNDTIMEO from their listener: set once here.
         if self.socket_type == socket.SOCK_STREAM and self.address_family != socket.AF_UNIX:
-            set_io_timeout(self.socket, self._io_timeout)
+            # A watched server's connections wait for the client without a timer of their own:
+            # the watchdog sees a silent client as it sees a trickling one.
+            set_io_timeout(self.socket, self._io_timeout, recv=not self.watched())
 
     def adopt(self, previous: ManagedMixIn) -> None:
         """Take over `previous`'s bound, listening socket (a reload that kept the address).

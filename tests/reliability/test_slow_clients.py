@@ -176,6 +176,40 @@ def test_a_reply_later_than_timeout_still_reaches_the_client(
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("mode", ["thread", "fork", "inline"])
+def test_a_client_that_never_reads_is_cut_off_by_timeout(
+    start_daemon, tmp_path: Path, mode: str
+) -> None:
+    # chargen sends until the client goes; this client never reads, so once the buffers fill
+    # the handler's send waits, and `timeout` bounds each wait. (A wait that ends with a few
+    # bytes let through by the kernel's window probes starts another: the bound is per wait, so
+    # the whole takes a few times `timeout`, and without it, for ever.)
+    port = free_port()
+    extra: dict[str, object] = {"workers": 2} if mode != "inline" else {}
+    config = daemon_section(tmp_path) + server_section(
+        "gen",
+        listen=f"127.0.0.1:{port}",
+        handler="chargen",
+        concurrency=mode,
+        timeout=TIMEOUT,
+        **extra,
+    )
+    daemon = start_daemon(config)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        started = time.monotonic()
+        wait_for(
+            lambda: status(daemon, "gen")["servers"]["gen"]["completed"] == 1,
+            timeout=10 * TIMEOUT + SLACK,
+        )
+        elapsed = time.monotonic() - started
+    assert elapsed >= TIMEOUT, f"cut off after {elapsed}s, before any wait reached `timeout`"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert s.recv(100), "chargen serves the next client"
+    assert daemon.stop() == 0
+
+
 def test_idle_connections_cost_only_their_server_queue_and_never_delay_others(
     start_daemon, tmp_path: Path
 ) -> None:
