@@ -78,8 +78,9 @@ class Connection(socket.socket):
     """A pool's TCP connection: the C recv/send, plus what makes `timeout` safe for rfile.
 
     Only recv_into is Python, for the stdlib's buffered readers (StreamRequestHandler.rfile):
-    an expired SO_RCVTIMEO (EAGAIN) would otherwise read as "no data yet" and a watchdog's
-    shutdown as end of file, and either would hand the handler half a line as a whole one.
+    the watchdog's shutdown would otherwise read as end of file, and an expired receive
+    timeout (EAGAIN, should a handler set SO_RCVTIMEO) as "no data yet"; either would hand the
+    handler half a line as a whole one.
     """
 
     __slots__ = ()
