@@ -9,10 +9,9 @@ A ManagedServer is an ordinary socketserver-style server (a handler sees it as `
 - handle_error: one structured `request_failed` event, and the error count.
 - run_request: finish_request with the error handling every dispatcher shares.
 
-Per-connection timeouts use SO_RCVTIMEO/SO_SNDTIMEO rather than settimeout(): a timeout on a
-blocking socket costs nothing per recv, where settimeout() turns every recv into poll()+recv. On
-TCP they are set once on the listener, and every accepted socket inherits them from it. The
-request deadline that stops a trickling client is daemon/connections.py's.
+How `timeout` is enforced (SO_SNDTIMEO, the loop's watchdog, and SO_RCVTIMEO where no watchdog
+can run, never settimeout(), which turns every recv into poll()+recv) is daemon/connections.py's.
+On TCP the socket options are set once on the listener, and every accepted socket inherits them.
 """
 
 from __future__ import annotations
