@@ -24,6 +24,7 @@ TimeoutError from an rfile reader and from IOTimeoutSocket. The servers log eith
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -46,6 +47,16 @@ _PEER_OPEN_STATES = frozenset({1, 4, 5})  # ESTABLISHED, FIN_WAIT1, FIN_WAIT2
 # Serialises a pool thread's close of a Connection with the watchdog's use of its descriptor,
 # so that the watchdog never touches a number some other thread has just been given.
 _FD_LOCK = threading.Lock()
+
+
+def _fresh_lock_in_child() -> None:
+    # A fork worker forked while a pool thread was closing a connection would inherit the lock
+    # held, by a thread it does not have, and hang on its first close.
+    global _FD_LOCK
+    _FD_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into

@@ -3,11 +3,14 @@ looks like to a handler."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from collections.abc import Iterator
 
 import pytest
 
+from daemon import connections
 from daemon.connections import Connection, RequestCut, quiet_seconds, set_io_timeout
 
 
@@ -74,3 +77,17 @@ def test_quiet_seconds_counts_from_the_last_data_sent(pair) -> None:
     assert quiet_seconds(conn) < 1.0
     conn.close()
     assert quiet_seconds(conn) is None
+
+
+def test_a_child_forked_while_a_connection_closes_can_close_its_own(pair) -> None:
+    # A pool thread closing a Connection holds the module's descriptor lock; a fork worker
+    # forked at that moment must not inherit it held (its first close would hang for ever).
+    conn, _client = pair
+    with connections._FD_LOCK:
+        pid = os.fork()
+        if pid == 0:  # the child: close our copy, within a deadline
+            signal.alarm(5)
+            conn.close()
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child hung on its first close"
