@@ -233,6 +233,19 @@ class Watchdog:
         self._timer: Any = None
         self._cut: set[socket.socket] = set()  # shut already, and still running last time
 
+    @classmethod
+    def for_server(
+        cls,
+        server: Any,
+        running: Callable[[], Iterable[Running]],
+        call_later: Callable[[float, Callable[[], None]], Any],
+    ) -> Watchdog | None:
+        """The watchdog for a pool of `server` (a ManagedMixIn), or None when its connections
+        keep `timeout` by themselves (not server.watched())."""
+        if not server.watched():
+            return None
+        return cls(server.name, server.config.timeout, running, call_later)
+
     def arm(self) -> None:
         if self._timer is None:
             self._timer = self._call_later(self.period, self._sweep)

@@ -116,10 +116,7 @@ class ForkPool:
         self._jitter: int = getattr(config, "max_requests_jitter", 0) or 0
         self._max_rss: int | None = getattr(config, "max_rss", None)
         self._health_timer: Timer | None = None
-        self._watchdog: Watchdog | None = None
-        if server.watched():
-            timeout = config.timeout
-            self._watchdog = Watchdog(server.name, timeout, self._running, host.call_later)
+        self._watchdog = Watchdog.for_server(server, self._running, host.call_later)
 
     # -- workers ---------------------------------------------------------------------------
 

@@ -102,10 +102,11 @@ class ThreadPool:
         self._outstanding = 0  # submitted and not finished: running + waiting
         # The requests in a handler right now: request -> (client_address, time.monotonic()).
         self._running: dict[Any, tuple[Any, float]] = {}
-        self._watchdog: Watchdog | None = None
-        if call_later is not None and server.watched():
-            timeout = server.config.timeout
-            self._watchdog = Watchdog(server.name, timeout, self._running_sockets, call_later)
+        self._watchdog = (
+            None
+            if call_later is None
+            else Watchdog.for_server(server, self._running_sockets, call_later)
+        )
 
     def submit(self, request: Any, client_address: Any) -> bool:
         with self._lock:
