@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .loadgen import LoadgenError, LoadSpec, run_loadgen
+from .loadgen import DEFAULT_SOURCE_ADDRS, LoadgenError, LoadSpec, run_loadgen
 from .proctree import ProcessTree, TreeSample, system_busy_s, wait_until_quiet
 from .targets import Running, Target, TargetUnavailable
 
@@ -48,7 +48,7 @@ class LoadPlan:
     warmup: float = 0.5
     line_bytes: int = 64
     loadgen_threads: int = 1
-    source_addrs: int = 16
+    source_addrs: int = DEFAULT_SOURCE_ADDRS
     disturbed_retries: int = 2  # runs again a run that other processes disturbed, this often
 
     def spec(self, mode: str, clients: int, max_source_addrs: int | None = None) -> LoadSpec:
