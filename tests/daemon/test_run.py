@@ -226,16 +226,20 @@ def test_thread_cpu_puts_thread_pools_on_one_cpu_and_nothing_else(
     assert daemon.stop() == 0
 
 
-def test_fork_pool_is_preforked_and_reused(start_daemon, tmp_path: Path, handlers: str) -> None:
-    port = free_port()
-    config = daemon_section(tmp_path) + server_section(
+def pid_pool_config(tmp_path: Path, port: int, handlers: str) -> str:
+    """A daemon whose one server, "pids", is a pool of two fork workers answering their pid."""
+    return daemon_section(tmp_path) + server_section(
         "pids",
         listen=f"127.0.0.1:{port}",
         handler=f"{handlers}:PidHandler",
         concurrency="fork",
         workers=2,
     )
-    daemon = start_daemon(config)
+
+
+def test_fork_pool_is_preforked_and_reused(start_daemon, tmp_path: Path, handlers: str) -> None:
+    port = free_port()
+    daemon = start_daemon(pid_pool_config(tmp_path, port, handlers))
     spawned = {e["worker_pid"] for e in daemon.find("worker_spawned", server="pids")}
     assert len(spawned) == 2
     assert {c.pid for c in daemon.children()} == spawned
@@ -251,14 +255,7 @@ def test_fork_pool_is_preforked_and_reused(start_daemon, tmp_path: Path, handler
 
 def test_fork_worker_killed_is_replaced(start_daemon, tmp_path: Path, handlers: str) -> None:
     port = free_port()
-    config = daemon_section(tmp_path) + server_section(
-        "pids",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:PidHandler",
-        concurrency="fork",
-        workers=2,
-    )
-    daemon = start_daemon(config)
+    daemon = start_daemon(pid_pool_config(tmp_path, port, handlers))
     victim = int(ask(port, b"pid?\n"))
     os.kill(victim, signal.SIGKILL)
     event = daemon.wait_event("worker_exited", worker_pid=victim)

@@ -25,19 +25,25 @@ SLACK = 1.0  # how much later than `timeout` the daemon may close a stalled conn
 TRICKLE = 0.2
 
 
-def lines_server(
-    name: str, port: int, handlers: str, mode: str, handler: str = "Lines", **keys: object
-) -> str:
+def timed_server(name: str, port: int, mode: str, handler: str, **keys: object) -> str:
+    """A [servers.NAME] table: `handler` in `mode` (two workers for a pool), with TIMEOUT."""
     extra: dict[str, object] = {"workers": 2} if mode != "inline" else {}
     return server_section(
         name,
         listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:{handler}",
+        handler=handler,
         concurrency=mode,
         timeout=TIMEOUT,
         **extra,
         **keys,
     )
+
+
+def lines_server(
+    name: str, port: int, handlers: str, mode: str, handler: str = "Lines", **keys: object
+) -> str:
+    """timed_server() for a class of the test's handlers module."""
+    return timed_server(name, port, mode, f"{handlers}:{handler}", **keys)
 
 
 def watch_until_closed(port: int, trickle: bool, limit: float) -> tuple[float | None, bytes]:
@@ -130,14 +136,7 @@ def test_a_client_answered_within_timeout_keeps_its_connection(
     # One connection, one line every TIMEOUT / 4 for three times TIMEOUT: each is answered
     # well within `timeout`, so the connection lives on however long it lasts in all.
     port = free_port()
-    config = daemon_section(tmp_path) + server_section(
-        "lines",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:{handler}",
-        concurrency=mode,
-        workers=2,
-        timeout=TIMEOUT,
-    )
+    config = daemon_section(tmp_path) + lines_server("lines", port, handlers, mode, handler)
     daemon = start_daemon(config)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         reader = s.makefile("rb")
@@ -160,14 +159,8 @@ def test_a_reply_later_than_timeout_still_reaches_the_client(
     # The handler takes twice `timeout` to answer: the watchdog shuts the connection for
     # reading (and says so), but the reply it was computing still goes out.
     port = free_port()
-    config = daemon_section(tmp_path) + server_section(
-        "slow",
-        listen=f"127.0.0.1:{port}",
-        handler=f"{handlers}:SlowEcho",
-        concurrency=mode,
-        workers=2,
-        timeout=TIMEOUT,
-        options={"delay": 2 * TIMEOUT},
+    config = daemon_section(tmp_path) + lines_server(
+        "slow", port, handlers, mode, "SlowEcho", options={"delay": 2 * TIMEOUT}
     )
     daemon = start_daemon(config)
     assert echo_roundtrip(port, b"worth the wait\n") == b"worth the wait\n"
@@ -185,15 +178,7 @@ def test_a_client_that_never_reads_is_cut_off_by_timeout(
     # bytes let through by the kernel's window probes starts another: the bound is per wait, so
     # the whole takes a few times `timeout`, and without it, for ever.)
     port = free_port()
-    extra: dict[str, object] = {"workers": 2} if mode != "inline" else {}
-    config = daemon_section(tmp_path) + server_section(
-        "gen",
-        listen=f"127.0.0.1:{port}",
-        handler="chargen",
-        concurrency=mode,
-        timeout=TIMEOUT,
-        **extra,
-    )
+    config = daemon_section(tmp_path) + timed_server("gen", port, mode, "chargen")
     daemon = start_daemon(config)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
