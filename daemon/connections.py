@@ -8,11 +8,17 @@ decides what every recv and send costs:
 - TCP connections served by a thread or fork pool are `Connection`s: recv and send are the C
   methods, untouched, and the socket has no SO_RCVTIMEO (whose timer a blocking recv would arm
   on every wait). The `Watchdog`, run by the loop every quarter `timeout` while the pool has
-  requests, reads each connection's TCP_INFO: a connection that has been sent nothing for
-  `timeout` (since its request started, or since the last data sent), whether its client is
-  silent or trickling, is shut for reading. The handler then sees end of file (a stdlib rfile
-  reader sees `RequestCut`, a TimeoutError, so that half a line is never taken for a whole one)
-  and may still send its reply.
+  requests, reads each connection's TCP_INFO and looks only at those that have been sent
+  nothing for `timeout` (since their request started, or since the last data sent):
+  - data waiting in the send queue: the client stopped reading. The connection is shut both
+    ways, so a send that waits (one SO_SNDTIMEO wait after another, each let through by a few
+    bytes) fails at once.
+  - the handler blocked reading this connection (/proc: the syscall its thread is in): the
+    client is silent or trickling. The connection is shut for reading; the handler sees end of
+    file (a stdlib rfile reader sees `RequestCut`, a TimeoutError, so that half a line is
+    never taken for a whole one).
+  - the handler doing anything else (computing, waiting on a backend): the client is owed a
+    reply, and keeps its connection.
 - Unix stream connections (no TCP_INFO) and inline servers (whose handler holds the loop, so no
   watchdog can run) are `IOTimeoutSocket`s with SO_RCVTIMEO too: each recv checks the request
   deadline itself, and each send moves it on. That costs a Python call per I/O.
@@ -24,9 +30,12 @@ TimeoutError from an rfile reader and from IOTimeoutSocket. The servers log eith
 
 from __future__ import annotations
 
+import fcntl
 import os
+import platform
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +52,20 @@ _LAST_DATA_SENT = struct.Struct("I")
 _LAST_DATA_SENT_OFFSET = 44
 # States in which the peer has not sent its FIN yet: end of file then means our shutdown.
 _PEER_OPEN_STATES = frozenset({1, 4, 5})  # ESTABLISHED, FIN_WAIT1, FIN_WAIT2
+# States after our own shutdown for writing (FIN_WAIT1, FIN_WAIT2, CLOSING): EPIPE then is it.
+_WE_SHUT_STATES = frozenset({4, 5, 11})
+
+# What a handler's thread is blocked in, by the kernel's syscall numbers for this machine: the
+# reads of one descriptor (the first argument), and poll/ppoll (a pollfd array and its
+# length). select and epoll waits are not looked into: a handler blocked in one is taken to
+# wait for its client.
+_READS, _POLLS, _WAITS = {
+    "x86_64": ({0, 19, 45, 47, 299}, {7, 271}, {23, 232, 270, 281, 441}),
+    "aarch64": ({63, 65, 207, 212, 243}, {73}, {22, 72, 441}),
+}.get(platform.machine(), (set(), set(), set()))
+_POLLFD = struct.Struct("iHH")  # fd, events, revents
+_POLLIN = 0x001
+_MAX_POLLFDS = 64
 
 # Serialises a pool thread's close of a Connection with the watchdog's use of its descriptor,
 # so that the watchdog never touches a number some other thread has just been given.
@@ -133,6 +156,84 @@ def quiet_seconds(sock: socket.socket) -> float | None:
     return _LAST_DATA_SENT.unpack_from(info, _LAST_DATA_SENT_OFFSET)[0] / 1000.0
 
 
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, sent but not acknowledged or not sent yet."""
+    try:
+        out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return struct.unpack("i", out)[0]
+
+
+def write_was_cut(sock: Any) -> bool:
+    """After EPIPE on a send: whether it came from a shutdown on our side (the watchdog's)."""
+    if not isinstance(sock, socket.socket):
+        return False  # a datagram request: (data, socket)
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return False
+    return state in _WE_SHUT_STATES
+
+
+# What the thread serving a connection is doing, for the watchdog (Task.waits_for):
+READING = "reading"  # blocked reading the connection (or in a wait we cannot see into)
+BUSY = "busy"  # running, or blocked on anything else: computing the client's reply
+UNKNOWN = "unknown"  # /proc would not say (no permission, another architecture)
+
+
+class Task:
+    """The thread that serves a connection: process `pid`, thread `tid` (Linux ids)."""
+
+    __slots__ = ("pid", "tid")
+
+    def __init__(self, pid: int, tid: int) -> None:
+        self.pid = pid
+        self.tid = tid
+
+    def waits_for(self, inode: int) -> str:
+        """READING if the thread is blocked reading the socket whose inode is `inode`."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.tid}/syscall", "rb") as f:
+                fields = f.read().split()
+        except OSError:
+            return UNKNOWN
+        if not fields or not fields[0].isdigit():
+            return BUSY  # "running", or "-1" (not in a syscall at all)
+        call = int(fields[0])
+        if call in _WAITS:
+            return READING
+        if call in _READS:
+            return READING if self._is(int(fields[1], 16), inode) else BUSY
+        if call in _POLLS:
+            return self._polls(int(fields[1], 16), int(fields[2], 16), inode)
+        return BUSY if _READS else UNKNOWN
+
+    def _is(self, fd: int, inode: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{self.pid}/fd/{fd}") == f"socket:[{inode}]"
+        except OSError:
+            return False
+
+    def _polls(self, address: int, count: int, inode: int) -> str:
+        count = min(count, _MAX_POLLFDS)
+        try:
+            fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
+        except OSError:
+            return UNKNOWN
+        try:
+            raw = os.pread(fd, _POLLFD.size * count, address)
+        except OSError:
+            return UNKNOWN
+        finally:
+            os.close(fd)
+        for i in range(len(raw) // _POLLFD.size):
+            polled, events, _ = _POLLFD.unpack_from(raw, i * _POLLFD.size)
+            if events & _POLLIN and self._is(polled, inode):
+                return READING
+        return BUSY
+
+
 def shut(sock: socket.socket, how: int) -> bool:
     """shutdown(how) on a socket another thread may be closing; False if it already was.
 
@@ -204,13 +305,15 @@ class IOTimeoutSocket(socket.socket):
         self._deadline = time.monotonic() + self._timeout
 
 
-# A running request as the watchdog sees it: its socket, its client, and when it started
-# (time.monotonic()).
-Running = tuple[socket.socket, Any, float]
+# A running request as the watchdog sees it: its socket, its client, when it started
+# (time.monotonic()), and the thread serving it.
+Running = tuple[socket.socket, Any, float, Task]
 
 
 class Watchdog:
-    """Cuts off a pool's TCP connections that have been sent nothing for `timeout` seconds.
+    """Cuts off a pool's TCP connections whose client has held them up for `timeout` seconds:
+    sent nothing for that long, and not reading (data waits to go out) or being waited on (the
+    handler is blocked reading it). See the module docstring.
 
     `running` lists the pool's requests now in a handler; `call_later` is the loop's timer. The
     owner calls arm() when a request starts: the watchdog then looks every `timeout / 4` seconds
@@ -259,15 +362,12 @@ class Watchdog:
         self._timer = None
         now = time.monotonic()
         seen = set()
-        for sock, client_address, started in self._running():
+        for sock, client_address, started, task in self._running():
             seen.add(sock)
-            if sock in self._cut:
+            if sock in self._cut or now - started < self.timeout:
                 continue
-            with _FD_LOCK:
-                quiet = quiet_seconds(sock)  # None once closed
-            if quiet is None or min(quiet, now - started) < self.timeout:
-                continue
-            if not shut(sock, socket.SHUT_RD):
+            reason = self._cut_off(sock, task)
+            if reason is None:
                 continue
             self._cut.add(sock)
             log.warning(
@@ -275,8 +375,28 @@ class Watchdog:
                 server=self.server_name,
                 client=format_address(client_address),
                 timeout=self.timeout,
-                reason="nothing sent to the client",
+                reason=reason,
             )
         self._cut &= seen
         if seen:
             self.arm()
+
+    def _cut_off(self, sock: socket.socket, task: Task) -> str | None:
+        """Shut `sock` if its client has held it up for `timeout`: why, or None if not."""
+        with _FD_LOCK:  # the number stays this connection's while we look (see shut())
+            if sock.fileno() < 0:
+                return None
+            quiet = quiet_seconds(sock)
+            if quiet is None or quiet < self.timeout:
+                return None
+            if unsent_bytes(sock):
+                how, reason = socket.SHUT_RDWR, "client stopped reading"
+            elif task.waits_for(os.fstat(sock.fileno()).st_ino) != BUSY:
+                how, reason = socket.SHUT_RD, "client too slow to send"
+            else:
+                return None  # the handler is still working on its reply
+            try:
+                sock.shutdown(how)
+            except OSError:
+                return None
+        return reason

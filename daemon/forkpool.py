@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .connections import Running, Watchdog
+from .connections import Running, Task, Watchdog
 from .listeners import ManagedMixIn
 from .log import get_logger
 from .timers import Timer
@@ -219,7 +219,7 @@ class ForkPool:
 
     def _running(self) -> list[Running]:
         return [
-            (w.request, w.client, w.handed_at)
+            (w.request, w.client, w.handed_at, Task(w.pid, w.pid))
             for w in self._workers.values()
             if w.busy and w.request is not None
         ]

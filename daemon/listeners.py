@@ -40,6 +40,7 @@ from .connections import (
     RequestCut,
     is_timeout,
     set_io_timeout,
+    write_was_cut,
 )
 from .limits import RequestLimits
 from .log import format_address, get_logger
@@ -390,7 +391,9 @@ class ManagedMixIn:
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, RequestCut):
+        if isinstance(exc, RequestCut) or (
+            isinstance(exc, BrokenPipeError) and write_was_cut(request)
+        ):
             return  # the watchdog that cut it off has said so
         if is_timeout(exc):
             # A client that stalls past `timeout` is not a bug in the handler: no traceback.

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .connections import Running, Watchdog, shut
+from .connections import Running, Task, Watchdog, shut
 from .listeners import ManagedMixIn
 
 
@@ -100,8 +100,9 @@ class ThreadPool:
         self._idle_threads = 0  # threads blocked in get()
         self._waiting = 0  # requests in the queue, not yet taken by a thread
         self._outstanding = 0  # submitted and not finished: running + waiting
-        # The requests in a handler right now: request -> (client_address, time.monotonic()).
-        self._running: dict[Any, tuple[Any, float]] = {}
+        # The requests in a handler right now: request -> (client_address, time.monotonic(),
+        # the thread running it).
+        self._running: dict[Any, tuple[Any, float, Task]] = {}
         self._watchdog = (
             None
             if call_later is None
@@ -131,7 +132,7 @@ class ThreadPool:
 
     def _running_sockets(self) -> list[Running]:
         with self._lock:
-            return [(r, address, t) for r, (address, t) in self._running.items()]
+            return [(r, address, t, task) for r, (address, t, task) in self._running.items()]
 
     def _work(self) -> None:
         if self._cpu is not None:
@@ -144,6 +145,7 @@ class ThreadPool:
         counters = self.server.counters
         request_finished = self.server.request_finished
         monotonic = time.monotonic
+        task = Task(os.getpid(), threading.get_native_id())
         while True:
             with lock:
                 self._idle_threads += 1
@@ -155,7 +157,7 @@ class ThreadPool:
                 self._waiting -= 1
                 request, client_address = item
                 started = monotonic()
-                self._running[request] = (client_address, started)
+                self._running[request] = (client_address, started, task)
             ok = False
             try:
                 ok = run(request, client_address)

@@ -1,17 +1,32 @@
-"""daemon.connections.Connection on real loopback TCP connections: what each way a read can end
-looks like to a handler."""
+"""daemon.connections on real loopback TCP connections: what each way a read can end looks like
+to a handler, and what the watchdog reads of a connection and of the thread serving it."""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from daemon import connections
-from daemon.connections import Connection, RequestCut, quiet_seconds, set_io_timeout
+from daemon.connections import (
+    BUSY,
+    READING,
+    UNKNOWN,
+    Connection,
+    RequestCut,
+    Task,
+    quiet_seconds,
+    set_io_timeout,
+    unsent_bytes,
+    write_was_cut,
+)
+from tests.conftest import wait_for
 
 
 @pytest.fixture
@@ -91,3 +106,137 @@ def test_a_child_forked_while_a_connection_closes_can_close_its_own(pair) -> Non
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child hung on its first close"
+
+
+def test_unsent_bytes_are_what_a_client_that_does_not_read_leaves_queued(pair) -> None:
+    conn, client = pair
+    assert unsent_bytes(conn) == 0
+    conn.sendall(b"read at once\n")
+    assert client.recv(100) == b"read at once\n"
+    assert wait_for(lambda: unsent_bytes(conn) == 0)
+    conn.setblocking(False)
+    queued = 0
+    try:
+        while True:
+            queued += conn.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    assert 0 < unsent_bytes(conn) <= queued
+
+
+def test_a_send_after_our_shutdown_is_a_cut_not_a_gone_client(pair) -> None:
+    conn, _client = pair
+    conn.shutdown(socket.SHUT_RDWR)  # what the watchdog does to a client that stopped reading
+    with pytest.raises(BrokenPipeError):
+        conn.sendall(b"reply\n")
+    assert write_was_cut(conn)
+    assert not write_was_cut((b"datagram", conn))
+
+
+def test_a_send_to_a_client_that_reset_is_not_a_cut(pair) -> None:
+    conn, client = pair
+    client.sendall(b"unread\n")
+    assert wait_for(lambda: select.select([conn], [], [], 0)[0])
+    client.close()  # with data unread on our side: the kernel resets
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(100):
+            conn.sendall(b"reply\n")
+            time.sleep(0.01)
+    assert not write_was_cut(conn)
+
+
+def _in_syscall(task: Task) -> bool:
+    with open(f"/proc/{task.pid}/task/{task.tid}/syscall", "rb") as f:
+        return f.read().split()[0].isdigit()
+
+
+def _blocked(block: Callable[[], object]) -> tuple[Task, threading.Thread]:
+    """Run `block` in a thread; that thread's Task once it is blocked in a syscall."""
+    tids: list[int] = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        block()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    wait_for(lambda: tids)
+    task = Task(os.getpid(), tids[0])
+    wait_for(lambda: _in_syscall(task))
+    return task, thread
+
+
+@pytest.fixture
+def backend() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A socket pair: the first end is a backend that has not answered yet."""
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+@pytest.mark.parametrize(
+    ("how", "verdict"),
+    [
+        ("recv", READING),
+        ("rfile", READING),
+        ("poll", READING),
+        ("select", READING),
+        ("recv backend", BUSY),
+        ("poll backend", BUSY),
+        ("futex", BUSY),
+    ],
+)
+def test_a_handler_waits_for_its_client_only_when_blocked_reading_it(
+    pair, backend: tuple[socket.socket, socket.socket], how: str, verdict: str
+) -> None:
+    conn, client = pair
+    inode = os.fstat(conn.fileno()).st_ino
+    done = threading.Event()
+    target = backend[0] if how.endswith("backend") else conn
+
+    def poll() -> None:
+        poller = select.poll()
+        poller.register(target, select.POLLIN)
+        poller.poll(10_000)
+
+    def rfile() -> None:
+        with conn.makefile("rb") as reader:
+            reader.readline()
+
+    block = {
+        "recv": lambda: conn.recv(10),
+        "rfile": rfile,
+        "poll": poll,
+        "select": lambda: select.select([conn], [], [], 10),
+        "recv backend": lambda: backend[0].recv(10),
+        "poll backend": poll,
+        "futex": lambda: done.wait(10),  # waiting on a lock: a read of nothing
+    }[how]
+    task, thread = _blocked(block)
+    try:
+        assert task.waits_for(inode) == verdict
+    finally:
+        done.set()
+        client.sendall(b"wake up\n")
+        backend[1].sendall(b"answer")
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_the_thread_of_a_fork_worker_is_seen_across_processes(pair) -> None:
+    conn, client = pair
+    inode = os.fstat(conn.fileno()).st_ino
+    pid = os.fork()
+    if pid == 0:  # a fork worker serving its copy of the connection
+        signal.alarm(10)
+        conn.recv(10)
+        os._exit(0)
+    try:
+        task = Task(pid, pid)
+        wait_for(lambda: _in_syscall(task))
+        assert task.waits_for(inode) == READING
+        assert task.waits_for(inode + 1) == BUSY  # blocked reading another socket
+    finally:
+        client.sendall(b"done\n")
+        os.waitpid(pid, 0)
+    assert Task(pid, pid).waits_for(inode) == UNKNOWN  # gone: /proc cannot say

@@ -69,7 +69,9 @@ HANDLERS = '''
 
 import json
 import os
+import socket
 import socketserver
+import threading
 import time
 
 
@@ -104,6 +106,36 @@ class SlowEcho(socketserver.StreamRequestHandler):
         line = self.rfile.readline()
         time.sleep(float(self.server.options.get("delay", 0.1)))
         self.wfile.write(line)
+
+
+class SlowLines(socketserver.StreamRequestHandler):
+    """Echoes each line after options.delay seconds, spent as options.wait says: "sleep",
+    "poll" (a backend that answers late, read with a socket timeout) or "read" (a blocking
+    read of a pipe that a timer writes to)."""
+
+    def handle(self):
+        delay = float(self.server.options.get("delay", 0.5))
+        wait = self.server.options.get("wait", "sleep")
+        while line := self.rfile.readline():
+            if wait == "sleep":
+                time.sleep(delay)
+            elif wait == "poll":
+                backend, other = socket.socketpair()
+                with backend, other:
+                    backend.settimeout(delay)
+                    try:
+                        backend.recv(1)
+                    except TimeoutError:
+                        pass
+            else:
+                r, w = os.pipe()
+                timer = threading.Timer(delay, os.write, (w, b"x"))
+                timer.start()
+                os.read(r, 1)
+                timer.join()
+                os.close(r)
+                os.close(w)
+            self.wfile.write(line)
 
 
 class Lines(socketserver.StreamRequestHandler):
