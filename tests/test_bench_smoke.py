@@ -72,4 +72,5 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert ("selectd-fork", "asyncio", "conn") in pairs
     for row in data["ratios"]:
         assert row["rounds"] == 1 and row["ratio"]["median"] > 0, row
+        assert row["cost_ratio"]["median"] > 0, row  # each side's CPU per op was measured
     assert {r["target"] for r in data["scale"]} == {"ThreadingTCPServer", "selectd"}

@@ -88,12 +88,20 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
     Paired: each round's selectd figure over the same round's peer figure (the two ran within
     seconds of each other), then the median of those, with their min-max. `ratio_of_medians`
     is kept beside it for comparison.
+
+    `cost_ratio` pairs what each op cost the whole machine (server, generator and kernel: CPU
+    time over ops) the same way; under 1, selectd's ops are the cheaper. It still tells the two
+    apart where ops/s cannot: when both servers are held to one rate by the generator, or by
+    a machine with no CPU to spare.
     """
     ops: dict[tuple[object, object, object], dict[object, float]] = {}
+    cost: dict[tuple[object, object, object], dict[object, float]] = {}
     for r in records:
-        ops.setdefault((r["target"], r["mode"], r["clients"]), {})[r["repeat"]] = float(
-            r["ops_per_sec"]
-        )
+        key = (r["target"], r["mode"], r["clients"])
+        ops.setdefault(key, {})[r["repeat"]] = float(r["ops_per_sec"])
+        if r["ops_per_sec"]:
+            machine = r["server_cpu_pct"] + r["loadgen_cpu_pct"] + r["other_cpu_pct"]
+            cost.setdefault(key, {})[r["repeat"]] = machine / r["ops_per_sec"]
     out = []
     for s in (r for r in summary if r["kind"] == SELECTD):
         for p in (r for r in summary if r["kind"] == PEER):
@@ -101,7 +109,11 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
                 continue
             mine = ops[(s["target"], s["mode"], s["clients"])]
             theirs = ops[(p["target"], p["mode"], p["clients"])]
-            paired = [mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]]
+            paired = _paired(mine, theirs)
+            costs = _paired(
+                cost.get((s["target"], s["mode"], s["clients"]), {}),
+                cost.get((p["target"], p["mode"], p["clients"]), {}),
+            )
             peer_median = _median(p, "ops_per_sec")
             out.append(
                 {
@@ -110,6 +122,7 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
                     "mode": s["mode"],
                     "clients": s["clients"],
                     "ratio": _spread(paired, 2) if paired else None,
+                    "cost_ratio": _spread(costs, 2) if costs else None,
                     "rounds": len(paired),
                     "ratio_of_medians": (
                         round(_median(s, "ops_per_sec") / peer_median, 2) if peer_median else None
@@ -119,6 +132,11 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
                 }
             )
     return out
+
+
+def _paired(mine: dict[object, float], theirs: dict[object, float]) -> list[float]:
+    """mine[k] / theirs[k] for every round k both have (and theirs is not 0)."""
+    return [mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]]
 
 
 def ratio_lines(rows: Sequence[Record]) -> list[str]:
@@ -138,6 +156,8 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
             f"{r['rounds']} round{'s' if r['rounds'] != 1 else ''}",
             f"{r['clients']} client{'s' if r['clients'] != 1 else ''}",
         ]
+        if r.get("cost_ratio"):
+            caveats.append(f"machine CPU per op {r['cost_ratio']['median']:.2f}x")
         # A server that leaves clients unserved can post a high rate from the ones it serves.
         for side in ("selectd", "peer"):
             if r[f"{side}_starved"]:
