@@ -3,14 +3,23 @@
 The order is setgroups, setgid, setuid: once the uid is gone the groups can no longer be changed.
 The drop is verified by trying to get root back, which must fail; a daemon that could regain root
 after claiming to have dropped it is a security bug, so that is a fatal error.
+
+Linux makes a process that changed its uid undumpable, and with it every fork worker it forks
+later: then not even the daemon may read a worker's /proc (which syscall its handler is blocked
+in, what the `timeout` watchdog asks), and none of them leaves a core dump. Once the drop holds,
+the daemon makes itself dumpable again, as nginx does for its workers after setuid(): only
+processes of the same (dropped) user, or root, can then look in.
 """
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import os
 import pwd
 from dataclasses import dataclass
+
+_PR_SET_DUMPABLE = 4
 
 from .errors import DaemonError
 
@@ -74,3 +83,12 @@ def drop(identity: Identity) -> None:
         raise DaemonError(f"switching to user {identity.user} did not take")
     os.environ["HOME"] = identity.home
     os.environ["USER"] = os.environ["LOGNAME"] = identity.user
+    _make_dumpable()
+
+
+def _make_dumpable() -> None:
+    """prctl(PR_SET_DUMPABLE, 1), if this libc has it (see the module docstring)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: nothing was taken away

@@ -9,6 +9,7 @@ again.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -172,6 +173,36 @@ def test_a_handler_slower_than_timeout_keeps_its_client(
             assert reader.readline() == b"worth the wait %d\n" % n, f"cut off at line {n}"
             assert time.monotonic() - started >= 2 * TIMEOUT
     assert daemon.find("request_timeout") == []
+    assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_daemon_that_dropped_root_still_tells_a_slow_handler_from_a_slow_client(
+    start_daemon, tmp_path: Path, handlers: str
+) -> None:
+    # Linux makes a process that gave up root undumpable, and with it the fork workers it
+    # forks: the watchdog could then not read which syscall a worker is blocked in, and would
+    # cut off every connection sent nothing for `timeout`, slow handler or not.
+    slow_port, lines_port = free_port(), free_port()
+    config = (
+        daemon_section(tmp_path, user="nobody")
+        + lines_server(
+            "slow", slow_port, handlers, "fork", "SlowLines", options={"delay": 2 * TIMEOUT}
+        )
+        + lines_server("lines", lines_port, handlers, "fork")
+    )
+    daemon = start_daemon(config)
+    daemon.wait_event("privileges_dropped", user="nobody")
+    with (
+        socket.create_connection(("127.0.0.1", slow_port), timeout=10) as s,
+        s.makefile("rb") as reader,
+    ):
+        for n in range(2):
+            s.sendall(b"line %d\n" % n)
+            assert reader.readline() == b"line %d\n" % n, f"cut off at line {n}"
+    closed_after = seconds_until_closed(lines_port, trickle=True, limit=TIMEOUT + SLACK)
+    assert closed_after is not None, "a slowloris was never cut off"
+    assert [e["server"] for e in daemon.find("request_timeout")] == ["lines"]
     assert daemon.stop() == 0
 
 
