@@ -19,9 +19,9 @@ import os
 import pwd
 from dataclasses import dataclass
 
-_PR_SET_DUMPABLE = 4
-
 from .errors import DaemonError
+
+_PR_SET_DUMPABLE = 4
 
 
 @dataclass(frozen=True)
