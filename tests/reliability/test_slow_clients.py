@@ -202,6 +202,7 @@ def test_a_daemon_that_dropped_root_still_tells_a_slow_handler_from_a_slow_clien
             assert reader.readline() == b"line %d\n" % n, f"cut off at line {n}"
     closed_after = seconds_until_closed(lines_port, trickle=True, limit=TIMEOUT + SLACK)
     assert closed_after is not None, "a slowloris was never cut off"
+    daemon.wait_event("request_timeout", server="lines")
     assert [e["server"] for e in daemon.find("request_timeout")] == ["lines"]
     assert daemon.stop() == 0
 
