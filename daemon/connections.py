@@ -84,7 +84,6 @@ os.register_at_fork(after_in_child=_fresh_lock_in_child)
 _recv = socket.socket.recv
 _recv_into = socket.socket.recv_into
 _send = socket.socket.send
-_sendall = socket.socket.sendall
 
 
 def _timeval(seconds: float) -> bytes:
@@ -256,7 +255,8 @@ class IOTimeoutSocket(socket.socket):
     Two rules, both raising TimeoutError as settimeout() would:
 
     - No single wait lasts longer than `timeout`: SO_RCVTIMEO/SO_SNDTIMEO, whose EAGAIN is
-      turned into TimeoutError here.
+      turned into TimeoutError here; and a sendall() that has to wait at all finishes within
+      `timeout` of its first wait.
     - A request must arrive within `timeout` of the connection opening or of the last reply:
       every recv checks that deadline, and every send moves it on.
 
@@ -297,12 +297,34 @@ class IOTimeoutSocket(socket.socket):
         self._deadline = time.monotonic() + self._timeout
         return sent
 
-    def sendall(self, *args: Any) -> None:
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        view = memoryview(data).cast("B")
         try:
-            _sendall(self, *args)
+            sent = _send(self, view, flags | socket.MSG_DONTWAIT)
         except BlockingIOError:
-            raise TimeoutError("timed out") from None
+            sent = 0
+        if sent < len(view):
+            self._send_rest(view[sent:], flags)
         self._deadline = time.monotonic() + self._timeout
+
+    def _send_rest(self, view: memoryview, flags: int) -> None:
+        """Send what did not fit at once, all of it within `timeout`: one SO_SNDTIMEO wait
+        after another, each let through by a few bytes of window, would add up without end
+        (and an inline server's wait holds the whole loop)."""
+        deadline = time.monotonic() + self._timeout
+        try:
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the client did not read the reply within {self._timeout}s")
+                # Never 0 (a timeval of 0 means wait for ever).
+                self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(max(left, 1e-3)))
+                try:
+                    view = view[_send(self, view, flags) :]
+                except BlockingIOError:
+                    raise TimeoutError("timed out") from None
+        finally:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout))
 
 
 # A running request as the watchdog sees it: its socket, its client, when it started

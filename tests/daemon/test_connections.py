@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from daemon.connections import (
     READING,
     UNKNOWN,
     Connection,
+    IOTimeoutSocket,
     RequestCut,
     Task,
     quiet_seconds,
@@ -240,3 +242,40 @@ def test_the_thread_of_a_fork_worker_is_seen_across_processes(pair) -> None:
         client.sendall(b"done\n")
         os.waitpid(pid, 0)
     assert Task(pid, pid).waits_for(inode) == UNKNOWN  # gone: /proc cannot say
+
+
+def test_a_sendall_to_a_client_that_reads_a_trickle_gives_up_within_timeout() -> None:
+    # An inline server's reply to a client that drains 2 KB every 50 ms: each wait for room
+    # ends with progress, so SO_SNDTIMEO alone would let the sendall (and with it the daemon's
+    # loop) go on for as long as the reply takes to trickle out, here about 4 s.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(listener.getsockname())
+        fd, _ = listener._accept()  # type: ignore[attr-defined]
+    conn = IOTimeoutSocket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.start_clock(0.5)
+    set_io_timeout(conn, 0.5)
+    done = threading.Event()
+
+    def trickle() -> None:
+        while not done.wait(0.05):
+            client.recv(2048)
+
+    reader = threading.Thread(target=trickle)
+    reader.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError):
+            conn.sendall(b"x" * 160_000)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.5, f"the sendall gave up after {elapsed:.1f}s, not about 0.5s"
+        # The connection's own per-wait bound is back for whatever comes next.
+        timeval = conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)
+        assert struct.unpack("ll", timeval) == (0, 500_000)
+    finally:
+        done.set()
+        reader.join(5)
+        conn.close()
+        client.close()
