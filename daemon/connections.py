@@ -13,8 +13,9 @@ decides what every recv and send costs:
   - data waiting in the send queue: the client stopped reading. The connection is shut both
     ways, so a send that waits (one SO_SNDTIMEO wait after another, each let through by a few
     bytes) fails at once.
-  - the handler blocked reading this connection (/proc: the syscall its thread is in): the
-    client is silent or trickling. The connection is shut for reading; the handler sees end of
+  - the handler blocked waiting to read this connection (/proc: the syscall its thread is in,
+    and the descriptors a read, poll, select or epoll waits on): the client is silent or
+    trickling. The connection is shut for reading; the handler sees end of
     file (a stdlib rfile reader sees `RequestCut`, a TimeoutError, so that half a line is
     never taken for a whole one).
   - the handler doing anything else (computing, waiting on a backend): the client is owed a
@@ -55,17 +56,28 @@ _PEER_OPEN_STATES = frozenset({1, 4, 5})  # ESTABLISHED, FIN_WAIT1, FIN_WAIT2
 # States after our own shutdown for writing (FIN_WAIT1, FIN_WAIT2, CLOSING): EPIPE then is it.
 _WE_SHUT_STATES = frozenset({4, 5, 11})
 
-# What a handler's thread is blocked in, by the kernel's syscall numbers for this machine: the
-# reads of one descriptor (the first argument), and poll/ppoll (a pollfd array and its
-# length). select and epoll waits are not looked into: a handler blocked in one is taken to
-# wait for its client.
-_READS, _POLLS, _WAITS = {
-    "x86_64": ({0, 19, 45, 47, 299}, {7, 271}, {23, 232, 270, 281, 441}),
-    "aarch64": ({63, 65, 207, 212, 243}, {73}, {22, 72, 441}),
-}.get(platform.machine(), (set(), set(), set()))
+# What a handler's thread can be blocked in while it waits for input, by the kernel's syscall
+# numbers for this machine, and where those say which descriptors: "read" (read, readv, recvfrom,
+# recvmsg, recvmmsg: the first argument), "poll" (poll, ppoll: a pollfd array and its length),
+# "select" (select, pselect6: the count and the read set) and "epoll" (epoll_wait, epoll_pwait,
+# epoll_pwait2: the epoll descriptor, whose interest list /proc shows).
+_WAIT_CALLS: dict[int, str] = {
+    "x86_64": {
+        **dict.fromkeys((0, 19, 45, 47, 299), "read"),
+        **dict.fromkeys((7, 271), "poll"),
+        **dict.fromkeys((23, 270), "select"),
+        **dict.fromkeys((232, 281, 441), "epoll"),
+    },
+    "aarch64": {
+        **dict.fromkeys((63, 65, 207, 212, 243), "read"),
+        73: "poll",
+        72: "select",
+        **dict.fromkeys((22, 441), "epoll"),
+    },
+}.get(platform.machine(), {})
 _POLLFD = struct.Struct("iHH")  # fd, events, revents
-_POLLIN = 0x001
-_MAX_POLLFDS = 64
+_POLLIN = 0x001  # also EPOLLIN
+_MAX_FDS = 1024  # descriptors looked at in one wait
 
 # Serialises a pool thread's close of a Connection with the watchdog's use of its descriptor,
 # so that the watchdog never touches a number some other thread has just been given.
@@ -191,7 +203,8 @@ class Task:
         self.tid = tid
 
     def waits_for(self, inode: int) -> str:
-        """READING if the thread is blocked reading the socket whose inode is `inode`."""
+        """READING if the thread is blocked waiting to read the socket whose inode is `inode`
+        (among others, in a poll, select or epoll)."""
         try:
             with open(f"/proc/{self.pid}/task/{self.tid}/syscall", "rb") as f:
                 fields = f.read().split()
@@ -199,38 +212,70 @@ class Task:
             return UNKNOWN
         if not fields or not fields[0].isdigit():
             return BUSY  # "running", or "-1" (not in a syscall at all)
-        call = int(fields[0])
-        if call in _WAITS:
-            return READING
-        if call in _READS:
-            return READING if self._is(int(fields[1], 16), inode) else BUSY
-        if call in _POLLS:
-            return self._polls(int(fields[1], 16), int(fields[2], 16), inode)
-        return BUSY if _READS else UNKNOWN
+        kind = _WAIT_CALLS.get(int(fields[0]))
+        if kind is None:
+            return BUSY if _WAIT_CALLS else UNKNOWN
+        first, second = int(fields[1], 16), int(fields[2], 16)
+        if kind == "read":
+            fds: list[int] | None = [first]
+        elif kind == "poll":
+            fds = self._polled(first, second)
+        elif kind == "select":
+            fds = self._selected(first, second)
+        else:
+            fds = self._epolled(first)
+        if fds is None:
+            return UNKNOWN
+        target = f"socket:[{inode}]"
+        return READING if any(self._link(fd) == target for fd in fds) else BUSY
 
-    def _is(self, fd: int, inode: int) -> bool:
+    def _link(self, fd: int) -> str | None:
         try:
-            return os.readlink(f"/proc/{self.pid}/fd/{fd}") == f"socket:[{inode}]"
+            return os.readlink(f"/proc/{self.pid}/fd/{fd}")
         except OSError:
-            return False
+            return None
 
-    def _polls(self, address: int, count: int, inode: int) -> str:
-        count = min(count, _MAX_POLLFDS)
+    def _memory(self, address: int, size: int) -> bytes | None:
+        """`size` bytes of the process's memory at `address` (what a blocked call points to)."""
         try:
             fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY)
         except OSError:
-            return UNKNOWN
+            return None
         try:
-            raw = os.pread(fd, _POLLFD.size * count, address)
+            return os.pread(fd, size, address)
         except OSError:
-            return UNKNOWN
+            return None
         finally:
             os.close(fd)
-        for i in range(len(raw) // _POLLFD.size):
-            polled, events, _ = _POLLFD.unpack_from(raw, i * _POLLFD.size)
-            if events & _POLLIN and self._is(polled, inode):
-                return READING
-        return BUSY
+
+    def _polled(self, address: int, count: int) -> list[int] | None:
+        raw = self._memory(address, _POLLFD.size * min(count, _MAX_FDS))
+        if raw is None:
+            return None
+        entries = (_POLLFD.unpack_from(raw, at) for at in range(0, len(raw), _POLLFD.size))
+        return [fd for fd, events, _ in entries if events & _POLLIN]
+
+    def _selected(self, count: int, address: int) -> list[int] | None:
+        if address == 0:
+            return []  # no read set
+        raw = self._memory(address, (min(count, _MAX_FDS) + 7) // 8)
+        if raw is None:
+            return None
+        return [fd for fd in range(len(raw) * 8) if raw[fd // 8] >> (fd % 8) & 1]
+
+    def _epolled(self, epfd: int) -> list[int] | None:
+        # fdinfo of an epoll descriptor: one "tfd: FD events: MASK data: ..." line per entry.
+        try:
+            with open(f"/proc/{self.pid}/fdinfo/{epfd}", "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        fds = []
+        for line in lines[:_MAX_FDS]:
+            words = line.split()
+            if len(words) >= 4 and words[0] == b"tfd:" and int(words[3], 16) & _POLLIN:
+                fds.append(int(words[1]))
+        return fds
 
 
 def shut(sock: socket.socket, how: int) -> bool:

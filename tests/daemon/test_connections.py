@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import selectors
 import signal
 import socket
 import struct
@@ -183,8 +184,11 @@ def backend() -> Iterator[tuple[socket.socket, socket.socket]]:
         ("rfile", READING),
         ("poll", READING),
         ("select", READING),
+        ("epoll", READING),
         ("recv backend", BUSY),
         ("poll backend", BUSY),
+        ("select backend", BUSY),
+        ("epoll backend", BUSY),
         ("futex", BUSY),
     ],
 )
@@ -205,13 +209,21 @@ def test_a_handler_waits_for_its_client_only_when_blocked_reading_it(
         with conn.makefile("rb") as reader:
             reader.readline()
 
+    def epoll() -> None:
+        with selectors.EpollSelector() as selector:
+            selector.register(target, selectors.EVENT_READ)
+            selector.select(10)
+
     block = {
         "recv": lambda: conn.recv(10),
         "rfile": rfile,
         "poll": poll,
-        "select": lambda: select.select([conn], [], [], 10),
+        "select": lambda: select.select([target], [], [], 10),
+        "epoll": epoll,
         "recv backend": lambda: backend[0].recv(10),
         "poll backend": poll,
+        "select backend": lambda: select.select([target], [], [], 10),
+        "epoll backend": epoll,
         "futex": lambda: done.wait(10),  # waiting on a lock: a read of nothing
     }[how]
     task, thread = _blocked(block)

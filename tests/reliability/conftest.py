@@ -69,6 +69,8 @@ HANDLERS = '''
 
 import json
 import os
+import select
+import selectors
 import socket
 import socketserver
 import threading
@@ -109,9 +111,10 @@ class SlowEcho(socketserver.StreamRequestHandler):
 
 
 class SlowLines(socketserver.StreamRequestHandler):
-    """Echoes each line after options.delay seconds, spent as options.wait says: "sleep",
-    "poll" (a backend that answers late, read with a socket timeout) or "read" (a blocking
-    read of a pipe that a timer writes to)."""
+    """Echoes each line after options.delay seconds, spent as options.wait says: "sleep";
+    waiting for a backend that does not answer, with a socket timeout ("poll"), select.select
+    ("select") or a selectors.EpollSelector ("epoll"); or "read" (a blocking read of a pipe
+    that a timer writes to)."""
 
     def handle(self):
         delay = float(self.server.options.get("delay", 0.5))
@@ -119,14 +122,21 @@ class SlowLines(socketserver.StreamRequestHandler):
         while line := self.rfile.readline():
             if wait == "sleep":
                 time.sleep(delay)
-            elif wait == "poll":
+            elif wait in ("poll", "select", "epoll"):
                 backend, other = socket.socketpair()
                 with backend, other:
-                    backend.settimeout(delay)
-                    try:
-                        backend.recv(1)
-                    except TimeoutError:
-                        pass
+                    if wait == "select":
+                        select.select([backend], [], [], delay)
+                    elif wait == "epoll":
+                        with selectors.EpollSelector() as selector:
+                            selector.register(backend, selectors.EVENT_READ)
+                            selector.select(delay)
+                    else:
+                        backend.settimeout(delay)
+                        try:
+                            backend.recv(1)
+                        except TimeoutError:
+                            pass
             else:
                 r, w = os.pipe()
                 timer = threading.Timer(delay, os.write, (w, b"x"))

@@ -154,13 +154,14 @@ def test_a_client_answered_within_timeout_keeps_its_connection(
 
 
 @pytest.mark.parametrize("mode", ["thread", "fork"])
-@pytest.mark.parametrize("wait", ["sleep", "poll", "read"])
+@pytest.mark.parametrize("wait", ["sleep", "poll", "select", "epoll", "read"])
 def test_a_handler_slower_than_timeout_keeps_its_client(
     start_daemon, tmp_path: Path, handlers: str, mode: str, wait: str
 ) -> None:
     # Each line is answered twice `timeout` late, the handler sleeping, waiting on a backend
-    # with a socket timeout, or blocked reading a pipe: none of it is the client's doing, so
-    # the client keeps its connection from one reply to the next, and nothing is cut off.
+    # (with a socket timeout, select or epoll), or blocked reading a pipe: none of it is the
+    # client's doing, so the client keeps its connection from one reply to the next, and
+    # nothing is cut off.
     port = free_port()
     config = daemon_section(tmp_path) + lines_server(
         "slow", port, handlers, mode, "SlowLines", options={"delay": 2 * TIMEOUT, "wait": wait}
