@@ -252,7 +252,8 @@ class Task:
         raw = self._memory(address, _POLLFD.size * min(count, _MAX_FDS))
         if raw is None:
             return None
-        entries = (_POLLFD.unpack_from(raw, at) for at in range(0, len(raw), _POLLFD.size))
+        whole = len(raw) - len(raw) % _POLLFD.size  # a short read ends mid-entry
+        entries = (_POLLFD.unpack_from(raw, at) for at in range(0, whole, _POLLFD.size))
         return [fd for fd, events, _ in entries if events & _POLLIN]
 
     def _selected(self, count: int, address: int) -> list[int] | None:
