@@ -146,13 +146,17 @@ class Connection(socket.socket):
             _close(self)
 
 
+def _tcp_state(sock: socket.socket) -> int | None:
+    """The connection's TCP state (tcpi_state), or None when it is not a TCP socket any more."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return None
+
+
 def was_cut(sock: socket.socket) -> bool:
     """After a read of end of file: whether it was our shutdown, the peer still being open."""
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return False
-    return state in _PEER_OPEN_STATES
+    return _tcp_state(sock) in _PEER_OPEN_STATES
 
 
 def quiet_seconds(sock: socket.socket) -> float | None:
@@ -180,15 +184,11 @@ def write_was_cut(sock: Any) -> bool:
     """After EPIPE on a send: whether it came from a shutdown on our side (the watchdog's)."""
     if not isinstance(sock, socket.socket):
         return False  # a datagram request: (data, socket)
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return False
-    return state in _WE_SHUT_STATES
+    return _tcp_state(sock) in _WE_SHUT_STATES
 
 
 # What the thread serving a connection is doing, for the watchdog (Task.waits_for):
-READING = "reading"  # blocked reading the connection (or in a wait we cannot see into)
+READING = "reading"  # blocked waiting to read the connection (among others, maybe)
 BUSY = "busy"  # running, or blocked on anything else: computing the client's reply
 UNKNOWN = "unknown"  # /proc would not say (no permission, another architecture)
 
