@@ -7,6 +7,7 @@ Usage:
     python3 scripts/bench.py --only ThreadingTCPServer,selectd-thread --repeats 5
     python3 scripts/bench.py --sweep             # clients 1, 8, 32, 128
     python3 scripts/bench.py --scale             # the idle and scale section only
+    python3 scripts/bench.py --pin               # generator on a CPU of its own (bench/cpus.py)
 
 Results go to --results DIR (default results/bench-<timestamp>/): results.json and results.md.
 Exit status: 0 when the run completed (skipped targets are notes, not failures), 2 when it could
@@ -28,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .cpus import CpuSplit, split_cpus
 from .loadgen import DEFAULT_SOURCE_ADDRS, LoadgenError, build_loadgen
 from .ports import PortAllocator
 from .proctree import become_subreaper, machine_busy_pct, reap_orphans
@@ -43,7 +45,7 @@ from .report import (
 )
 from .scale import ScalePlan, run_scale
 from .selectd import FORK_WORKERS, THREAD_WORKERS, SelectdTarget
-from .targets import REPO_DIR, PeerTarget, Target
+from .targets import REPO_DIR, PeerTarget, ProcessTarget
 from .throughput import OTHER_BUSY_PCT, LoadPlan, run_throughput
 from .xinetd import XinetdTarget
 
@@ -63,6 +65,7 @@ class Settings:
     scale_sizes: tuple[int, ...]
     scale_plan: ScalePlan
     results: Path
+    cpus: CpuSplit | None  # --pin; None: generator and servers share every CPU
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -83,6 +86,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         help=f"conn mode: spread connections over 127.0.0.1..K ({DEFAULT_SOURCE_ADDRS}; xinetd: 1)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="generator on CPUs of its own (one per thread), every server on the rest",
+    )
     section = parser.add_mutually_exclusive_group()
     section.add_argument("--scale", action="store_true", help="only the idle and scale section")
     section.add_argument("--no-scale", action="store_true", help="skip the idle and scale section")
@@ -91,6 +99,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.pin:
+        try:
+            split_cpus(args.loadgen_threads)
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -100,6 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         clients: tuple[int, ...] = SWEEP_CLIENTS
     else:
         clients = (args.clients or (4 if quick else 32),)
+    cpus = split_cpus(args.loadgen_threads) if args.pin else None
     plan = LoadPlan(
         clients=clients,
         repeats=args.repeats or (1 if quick else 5),
@@ -109,6 +123,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         line_bytes=args.line_bytes,
         loadgen_threads=args.loadgen_threads,
         source_addrs=args.source_addrs or DEFAULT_SOURCE_ADDRS,
+        generator_cpus=cpus.generator if cpus else None,
     )
     only: tuple[str, ...] | None = None
     if args.only:
@@ -131,12 +146,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         scale_sizes=((10,) if quick else SCALE_SIZES) if run_scale_section else (),
         scale_plan=scale_plan,
         results=args.results or REPO_DIR / "results" / f"bench-{stamp}",
+        cpus=cpus,
     )
 
 
-def throughput_targets(ports: PortAllocator, only: tuple[str, ...] | None) -> list[Target]:
-    """The throughput section's targets, in their first-repeat order, filtered by --only."""
-    targets: list[Target] = [
+def throughput_targets(
+    ports: PortAllocator, only: tuple[str, ...] | None, cpus: frozenset[int] | None = None
+) -> list[ProcessTarget]:
+    """The throughput section's targets, in their first-repeat order, filtered by --only, each
+    to run on `cpus` (None: anywhere)."""
+    targets: list[ProcessTarget] = [
         SelectdTarget("selectd-thread", ports, concurrency="thread", workers=THREAD_WORKERS),
         SelectdTarget("selectd-fork", ports, concurrency="fork", workers=FORK_WORKERS),
         PeerTarget("ThreadingTCPServer", "threading", ports),
@@ -144,6 +163,8 @@ def throughput_targets(ports: PortAllocator, only: tuple[str, ...] | None) -> li
         PeerTarget("asyncio", "asyncio", ports),
         XinetdTarget(ports),
     ]
+    for target in targets:
+        target.cpus = cpus
     if only is None:
         return targets
     unknown = set(only) - {t.name.lower() for t in targets}
@@ -203,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"the machine is busy before the run: {baseline:.0f}% of a core in use; "
             "figures will vary more than usual"
         )
+    if settings.cpus:
+        print(f"pinned: {settings.cpus.describe()}", flush=True)
     ports = PortAllocator(HOST)
     plan = settings.plan
     records: list[dict[str, Any]] = []
@@ -210,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     clock = time.monotonic()
     try:
         if settings.throughput:
-            targets = throughput_targets(ports, settings.only)
+            targets = throughput_targets(
+                ports, settings.only, settings.cpus.servers if settings.cpus else None
+            )
             print(
                 f"throughput: {len(targets)} targets x {plan.repeats} repeats, modes "
                 f"{'/'.join(plan.modes)}, clients {','.join(map(str, plan.clients))}, "
@@ -221,7 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.scale_sizes:
             print(f"scale: N = {', '.join(map(str, settings.scale_sizes))}", flush=True)
             scale_records = run_scale(
-                settings.scale_sizes, ports, binary, settings.scale_plan, note, progress, HOST
+                settings.scale_sizes,
+                ports,
+                binary,
+                settings.scale_plan,
+                note,
+                progress,
+                HOST,
+                settings.cpus,
             )
     finally:
         reap_orphans()
@@ -249,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scale_sizes": settings.scale_sizes,
         },
         "loadgen": str(binary),
+        "cpus": settings.cpus.as_record() if settings.cpus else None,
         "subreaper": subreaper,
         "nofile": nofile,
     }

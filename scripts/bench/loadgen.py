@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cpus import children_on
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "loadgen.c"
 BUILD_DIR = HERE / "build"
@@ -80,6 +82,7 @@ class LoadSpec:
     threads: int = 1
     op_timeout: float = 5.0
     source_addrs: int = 1
+    cpus: frozenset[int] | None = None  # run on these CPUs only (--pin); None: anywhere
 
     def argv(self, binary: Path, host: str, port: int) -> list[str]:
         return [
@@ -101,11 +104,12 @@ def run_loadgen(
 ) -> dict[str, Any]:
     """Run one load, bounded in time; return the generator's JSON result."""
     deadline = time.monotonic() + spec.warmup + spec.duration + _EXIT_SLACK
-    proc = subprocess.Popen(
-        spec.argv(binary, host, port),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    with children_on(spec.cpus):
+        proc = subprocess.Popen(
+            spec.argv(binary, host, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     result: dict[str, Any] | None = None
     try:
         for line in _lines(proc, deadline):

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cpus import describe_split
 from .targets import PEER, SELECTD
 from .throughput import OTHER_BUSY_PCT
 
@@ -309,6 +310,7 @@ def markdown_report(
         f"Host: {meta['host']}. Before the run: {meta['load']}, "
         f"{meta['busy_before_pct']:.0f}% of a core busy.",
         f"Options: {' '.join(meta['argv']) or '(none)'}.",
+        *_pin_lines(meta.get("cpus")),
         "",
         "## Throughput",
         "",
@@ -332,6 +334,13 @@ def markdown_report(
     if notes:
         parts += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(parts)
+
+
+def _pin_lines(cpus: Record | None) -> list[str]:
+    """The report's line on --pin, when the run was pinned."""
+    if not cpus:
+        return []
+    return [f"Pinned (--pin): {describe_split(cpus['generator'], cpus['servers'])}."]
 
 
 def write_results(directory: Path, payload: Record, markdown: str) -> tuple[Path, Path]:

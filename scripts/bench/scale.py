@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cpus import CpuSplit
 from .loadgen import LoadgenError, LoadSpec, run_loadgen
 from .ports import PortAllocator
 from .proctree import ProcessTree
@@ -47,9 +48,11 @@ class ScalePlan:
     warmup: float = 0.5
 
 
-def scale_targets(n: int, ports: PortAllocator) -> list[ProcessTarget]:
-    """The two contenders for N listeners."""
-    return [
+def scale_targets(
+    n: int, ports: PortAllocator, cpus: frozenset[int] | None = None
+) -> list[ProcessTarget]:
+    """The two contenders for N listeners, to run on `cpus` (None: anywhere)."""
+    targets: list[ProcessTarget] = [
         SelectdTarget(
             "selectd",
             ports,
@@ -59,12 +62,21 @@ def scale_targets(n: int, ports: PortAllocator) -> list[ProcessTarget]:
         ),
         PeerTarget("ThreadingTCPServer", "threading-many", ports, nports=n),
     ]
+    for target in targets:
+        target.cpus = cpus
+    return targets
 
 
 def measure_scale(
-    target: ProcessTarget, n: int, binary: Path, plan: ScalePlan, host: str
+    target: ProcessTarget,
+    n: int,
+    binary: Path,
+    plan: ScalePlan,
+    host: str,
+    generator_cpus: frozenset[int] | None = None,
 ) -> Record:
-    """Start target with n listeners, measure it idle and under one rtt client, stop it."""
+    """Start target with n listeners, measure it idle and under one rtt client (on
+    `generator_cpus`, None: anywhere), stop it."""
     running = target.start()
     try:
         tree = ProcessTree(running.pid, memory=True)
@@ -85,7 +97,13 @@ def measure_scale(
             "idle_cpu_pct": round(after.cpu_pct_since(before), 2),
             "wakeups_per_s": round(after.wakeups_per_s_since(before), 1),
         }
-        spec = LoadSpec(mode="rtt", clients=1, duration=plan.dispatch_duration, warmup=plan.warmup)
+        spec = LoadSpec(
+            mode="rtt",
+            clients=1,
+            duration=plan.dispatch_duration,
+            warmup=plan.warmup,
+            cpus=generator_cpus,
+        )
         result = run_loadgen(binary, host, running.port, spec)
         latency = result["latency_us"]
         record.update(
@@ -107,12 +125,14 @@ def run_scale(
     note: Note,
     progress: Note,
     host: str = "127.0.0.1",
+    cpus: CpuSplit | None = None,
 ) -> list[Record]:
-    """Measure both contenders at every N; unavailable ones are skipped with a note."""
+    """Measure both contenders at every N; unavailable ones are skipped with a note. With `cpus`
+    (--pin), the servers and the generator each run on their own CPUs."""
     records: list[Record] = []
     noted: set[str] = set()
     for i, n in enumerate(sizes):
-        targets = scale_targets(n, ports)
+        targets = scale_targets(n, ports, cpus.servers if cpus else None)
         # Alternate which goes first, as the throughput section does.
         for target in targets[i % 2 :] + targets[: i % 2]:
             if reason := target.unavailable():
@@ -121,7 +141,8 @@ def run_scale(
                     noted.add(target.name)
                 continue
             try:
-                record = measure_scale(target, n, binary, plan, host)
+                generator = cpus.generator if cpus else None
+                record = measure_scale(target, n, binary, plan, host, generator)
             except (TargetUnavailable, LoadgenError) as exc:
                 note(f"scale N={n} {target.name}: skipped: {exc}")
                 continue

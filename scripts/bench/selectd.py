@@ -64,8 +64,10 @@ def selectd_config(
     *,
     concurrency: str,
     workers: int,
+    cpus: frozenset[int] | None = None,
 ) -> dict[str, object]:
-    """The daemon config: one echo server per port, all alike, enforcing TIMEOUT."""
+    """The daemon config: one echo server per port, all alike, enforcing TIMEOUT; thread pools
+    on the highest of `cpus` (the servers' CPUs under --pin; default: every CPU we may use)."""
     width = len(str(len(ports) - 1))
     servers = {
         ("echo" if len(ports) == 1 else f"echo{i:0{width}d}"): {
@@ -85,7 +87,7 @@ def selectd_config(
             "log_level": "warning",
             # Thread pools on one CPU, as README ("Thread pools and CPUs") recommends for a
             # machine this small; no other target has a setting like it.
-            "thread_cpu": max(os.sched_getaffinity(0)),
+            "thread_cpu": max(cpus or os.sched_getaffinity(0)),
         },
         "servers": servers,
     }
@@ -115,7 +117,12 @@ class SelectdTarget(ProcessTarget):
     def command(self, workdir: Path, ports: Sequence[int]) -> list[str]:
         config = workdir / "selectd.toml"
         doc = selectd_config(
-            workdir, self.host, ports, concurrency=self.concurrency, workers=self.workers
+            workdir,
+            self.host,
+            ports,
+            concurrency=self.concurrency,
+            workers=self.workers,
+            cpus=self.cpus,
         )
         config.write_text(tomli_w.dumps(doc))
         return [sys.executable, "-m", "daemon", "run", "-c", str(config)]

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cpus import children_on
 from .ports import NotAccepting, PortAllocator, wait_accepting
 from .proctree import terminate_tree
 
@@ -99,6 +100,8 @@ class ProcessTarget(Target):
         self.host = host
         self.popen: subprocess.Popen[bytes] | None = None
         self.workdir: Path | None = None
+        # --pin: the CPUs the server, and everything it forks, runs on; None: any we may use.
+        self.cpus: frozenset[int] | None = None
 
     @abstractmethod
     def command(self, workdir: Path, ports: Sequence[int]) -> list[str]:
@@ -115,7 +118,7 @@ class ProcessTarget(Target):
         ports = self.allocator.block(self.nports)
         self.workdir = Path(tempfile.mkdtemp(prefix="selectd-bench-"))
         argv = self.command(self.workdir, ports)
-        with open(self.workdir / "stderr", "wb") as stderr:
+        with open(self.workdir / "stderr", "wb") as stderr, children_on(self.cpus):
             started = time.monotonic()
             self.popen = subprocess.Popen(
                 argv,

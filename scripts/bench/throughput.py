@@ -50,6 +50,7 @@ class LoadPlan:
     loadgen_threads: int = 1
     source_addrs: int = DEFAULT_SOURCE_ADDRS
     disturbed_retries: int = 2  # runs again a run that other processes disturbed, this often
+    generator_cpus: frozenset[int] | None = None  # --pin: the generator's CPUs; None: any
 
     def spec(self, mode: str, clients: int, max_source_addrs: int | None = None) -> LoadSpec:
         source_addrs = self.source_addrs
@@ -63,6 +64,7 @@ class LoadPlan:
             line_bytes=self.line_bytes,
             threads=self.loadgen_threads,
             source_addrs=source_addrs,
+            cpus=self.generator_cpus,
         )
 
 
