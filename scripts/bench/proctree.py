@@ -139,12 +139,11 @@ class ProcessTree:
     def sample(self) -> TreeSample:
         """Read CPU, wake-ups and memory of the whole tree now.
 
-        A child reaped while the tree is being read would be counted twice, in its own time and
-        in its parent's children_* time (the processes are read children first, so that it is
-        never counted not at all): when 32 forked handlers exit together as the generator closes
-        its connections, that read a forking server's CPU at up to 1.6 cores on one CPU. So a
-        reading is taken again, up to SAMPLE_TRIES times, until no process reaped a child while
-        it was being taken.
+        Children are read before their parents, so a child reaped during a reading is never
+        missed; but it is then counted twice, in its own time and in its parent's children_*
+        time. When 32 forked handlers exit together as the generator closes its connections,
+        that read a forking server's CPU at up to 1.6 cores on one CPU. So a reading is taken
+        again, up to SAMPLE_TRIES times, until no process reaped a child while it was taken.
         """
         for _ in range(SAMPLE_TRIES):
             procs = self.processes()
