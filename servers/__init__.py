@@ -1,7 +1,8 @@
 """servers: Python's socketserver API, rebuilt for a selectors loop.
 
-Every public name of CPython 3.11's socketserver, with the same signatures and semantics, so code
-ports by changing one import (`import servers as socketserver`). What is better than the stdlib:
+Every public name of CPython's socketserver (3.11 to 3.13), with the same signatures and
+semantics, so code ports by changing one import (`import servers as socketserver`). What is better
+than the stdlib:
 
 - serve_forever() never polls: it blocks in its selector and shutdown() wakes it through a wakeup
   socket, so idle servers cost no wake-ups.
