@@ -10,6 +10,7 @@ records into the same structlog pipeline, so the whole process speaks one format
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -41,8 +42,8 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
 def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog (and the stdlib bridge) for this process.
 
-    Call again in a forked child: it builds fresh loggers, whose locks the fork cannot have
-    caught held by another thread.
+    Call again in a forked child, on fresh_stdio()'s stream: structlog keeps one write lock per
+    file object, so loggers on a new file object get a lock the fork cannot have caught held.
     """
     stream = stream or sys.stderr
     fmt = resolve_format(fmt, stream)
@@ -66,6 +67,37 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     bridge.handlers[:] = [_StructlogBridge()]
     bridge.setLevel(LEVELS[level])
     bridge.propagate = False
+
+
+def fresh_stdio() -> TextIO:
+    """In a forked child: new sys.stdout and sys.stderr objects on descriptors 1 and 2; returns
+    the new sys.stderr, for configure().
+
+    CPython does not reset a buffered file's lock in a forked child. Had another thread of the
+    parent been inside a write to sys.stdout or sys.stderr at the moment of the fork (a thread
+    pool's handler printing, or logging while journald pushes back), the child's first write
+    through that object would wait for ever. New objects come with new locks, and whatever the
+    old ones held unflushed stays the parent's to write.
+
+    Both are line buffered, stdout too (a worker leaves by os._exit(), which flushes nothing),
+    and unbuffered below the text layer when the daemon's are (python -u, PYTHONUNBUFFERED).
+    """
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        old = getattr(sys, name)
+        unbuffered = bool(getattr(old, "write_through", False))
+        try:
+            binary = open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False)  # noqa: SIM115
+        except OSError:
+            continue  # no such descriptor: keep what there is
+        new = io.TextIOWrapper(
+            binary,
+            encoding=getattr(old, "encoding", None),
+            errors=getattr(old, "errors", None),
+            line_buffering=True,
+            write_through=unbuffered,
+        )
+        setattr(sys, name, new)
+    return sys.stderr
 
 
 class _StructlogBridge(logging.Handler):

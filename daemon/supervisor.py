@@ -337,9 +337,9 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
             if self._signals is not None:
                 self._signals.close_in_child()
             detach_inherited(keep)
-            # A fresh stream and fresh loggers: another thread may have held the old ones' locks
-            # at the moment of the fork.
-            stream = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            # Fresh stdio and loggers: another thread may have held the old ones' locks at the
+            # moment of the fork.
+            stream = logmod.fresh_stdio()
             logmod.configure(self.config.daemon.log_format, self.config.daemon.log_level, stream)
             child_main()
         finally:
