@@ -82,6 +82,7 @@ def run(config: Config, path: str | None) -> int:
     # Imported here so that `check` and `config` stay light.
     from .supervisor import Supervisor
 
+    logmod.line_buffered_stdout()
     logmod.configure(config.daemon.log_format, config.daemon.log_level)
     try:
         return Supervisor(config, path).run()

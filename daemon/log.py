@@ -69,6 +69,18 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     bridge.propagate = False
 
 
+def line_buffered_stdout() -> None:
+    """Make the daemon's stdout flush at every line, as its stderr does.
+
+    Handlers run inline and in thread pools print to the daemon's own stdout, which under
+    systemd is the journal's socket, not a terminal: block buffered, a line would wait for 8 KiB
+    of others before the journal saw it.
+    """
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
+
+
 def fresh_stdio() -> TextIO:
     """In a forked child: new sys.stdout and sys.stderr objects on descriptors 1 and 2; returns
     the new sys.stderr, for configure().

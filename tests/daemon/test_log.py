@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import tomli_w
 
@@ -116,34 +117,32 @@ class Printing(socketserver.StreamRequestHandler):
 '''
 
 
+@pytest.mark.parametrize("concurrency", ["inline", "thread", "fork"])
 @pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
-def test_what_a_fork_handler_prints_comes_out_at_once(
-    start_daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unbuffered: bool
+def test_what_a_handler_prints_comes_out_at_once(
+    start_daemon,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    concurrency: str,
+    unbuffered: bool,
 ) -> None:
-    # The daemon's stdout and stderr are a file here, not a terminal. An inherited sys.stdout
-    # would be block-buffered, keep the line until 8 KiB had gathered, and lose it when the
-    # worker leaves by os._exit(). Under PYTHONUNBUFFERED even binary writes go out at once.
+    # The daemon's stdout and stderr are a file here, as under systemd, not a terminal. Left
+    # block-buffered, stdout would keep the line until 8 KiB had gathered, and a fork worker
+    # would lose it when it leaves by os._exit(). Under PYTHONUNBUFFERED even binary writes go
+    # out at once.
     if unbuffered:
         monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     else:
         monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     (tmp_path / "printing.py").write_text(PRINTING)
     port = free_port()
-    config = daemon_section(tmp_path) + tomli_w.dumps(
-        {
-            "servers": {
-                "p": {
-                    "listen": f"127.0.0.1:{port}",
-                    "handler": "printing:Printing",
-                    "concurrency": "fork",
-                    "workers": 1,
-                }
-            }
-        }
-    )
-    daemon = start_daemon(config)
+    server = {"listen": f"127.0.0.1:{port}", "handler": "printing:Printing"}
+    server["concurrency"] = concurrency
+    if concurrency != "inline":
+        server["workers"] = 1
+    daemon = start_daemon(daemon_section(tmp_path) + tomli_w.dumps({"servers": {"p": server}}))
     assert echo_roundtrip(port, b"marker-1\n") == b"marker-1\n"
-    (worker,) = daemon.children()
+    (serving,) = daemon.children() if concurrency == "fork" else [psutil.Process(daemon.pid)]
     for stream in ("out", "err", "bin") if unbuffered else ("out", "err"):
-        wait_for(lambda s=stream: f"{s}:marker-1:{worker.pid}" in daemon.log_text(), timeout=5)
+        wait_for(lambda s=stream: f"{s}:marker-1:{serving.pid}" in daemon.log_text(), timeout=5)
     assert daemon.stop() == 0
