@@ -96,6 +96,8 @@ def run(config: Config, path: str | None) -> int:
         logmod.get_logger().critical("daemon_crashed", exc_type=type(exc).__name__, exc_info=True)
         print(f"selectd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return ExitStatus.RUNTIME
+    finally:
+        logmod.release_stdio()
 
 
 if __name__ == "__main__":  # pragma: no cover

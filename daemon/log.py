@@ -47,6 +47,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     """
     stream = stream or sys.stderr
     fmt = resolve_format(fmt, stream)
+    sink = _Sink(stream)
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -60,13 +61,60 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=sink),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     bridge = logging.getLogger("servers")
     bridge.handlers[:] = [_StructlogBridge()]
     bridge.setLevel(LEVELS[level])
     bridge.propagate = False
+
+
+class _Sink:
+    """The log stream as structlog writes to it: a line that cannot be written is dropped.
+
+    structlog raises a failed write into whatever logged: the loop in the middle of replacing a
+    dead fork worker, a pool thread reporting a handler's failure, a graceful stop. A log sink
+    that goes away (a closed pipe to a log shipper, a hung-up terminal, a full disk) must cost
+    the log lines, not the daemon.
+    """
+
+    __slots__ = ("__weakref__", "_stream")  # structlog keys its write lock by a weak reference
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed under us
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def release_stdio() -> None:
+    """Before the interpreter exits: flush stdout and stderr, and point one whose reader is
+    gone at /dev/null, so that Python's own last flush cannot fail and turn a clean stop into
+    exit status 120."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, stream.fileno())
+                finally:
+                    os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
 
 def line_buffered_stdout() -> None:

@@ -1,14 +1,16 @@
-"""A fork worker's stdio and log lines: never waiting on a lock the fork caught, never held back.
+"""The daemon's stdio after a fork and at exit.
 
-CPython does not reset a buffered file's lock in a forked child. The script below makes the case
-for real: a thread of the parent blocks inside a write to sys.stdout and another inside one to
-sys.stderr (each a pipe nobody reads yet), holding both files' locks, and the parent forks. The
-child, as a fork worker does, takes fresh stdio and loggers, then prints to both and logs a line.
-Once the parent drains the pipes, the child must finish.
+A fork worker's stdio and log lines never wait on a lock the fork caught, and a line a handler
+prints is never held back. CPython does not reset a buffered file's lock in a forked child; the
+script below makes that case for real: a thread of the parent blocks inside a write to
+sys.stdout and another inside one to sys.stderr (each a pipe nobody reads yet), holding both
+files' locks, and the parent forks. The child, as a fork worker does, takes fresh stdio and
+loggers, then prints to both and logs a line. Once the parent drains the pipes, it must finish.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -146,3 +148,40 @@ def test_what_a_handler_prints_comes_out_at_once(
     for stream in ("out", "err", "bin") if unbuffered else ("out", "err"):
         wait_for(lambda s=stream: f"{s}:marker-1:{serving.pid}" in daemon.log_text(), timeout=5)
     assert daemon.stop() == 0
+
+
+RELEASE = """
+import sys
+from daemon import log
+
+sys.stdout.reconfigure(line_buffering=True)
+try:
+    print("a line to a reader that is gone")
+except BrokenPipeError:
+    pass
+sys.stdout.write("and half a line, still in the buffer at exit")
+if sys.argv[1] == "release":
+    log.release_stdio()
+"""
+
+
+def test_release_stdio_lets_a_clean_exit_stay_clean_when_stdout_is_gone() -> None:
+    def exit_status(mode: str) -> int:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+            return subprocess.run(
+                [sys.executable, "-c", RELEASE, mode],
+                cwd=REPO,
+                env=env,
+                stdout=write_end,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+                check=False,
+            ).returncode
+        finally:
+            os.close(write_end)
+
+    assert exit_status("keep") == 120  # Python's own last flush failed
+    assert exit_status("release") == 0
