@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 from typing import Any, TextIO
 
 import structlog
@@ -68,6 +69,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     bridge.handlers[:] = [_StructlogBridge()]
     bridge.setLevel(LEVELS[level])
     bridge.propagate = False
+    warnings.showwarning = _show_warning
 
 
 class _Sink:
@@ -170,6 +172,30 @@ class _StructlogBridge(logging.Handler):
         if record.exc_info:
             fields["exc_info"] = record.exc_info
         get_logger().log(record.levelno, record.getMessage(), **fields)
+
+
+_stdlib_showwarning = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A Python warning that is shown (PYTHONWARNINGS, -W, a DeprecationWarning in __main__)
+    as a `python_warning` event, where Python would print raw text among the JSON lines."""
+    if file is not None:  # asked for on a file of the caller's: as the stdlib would
+        _stdlib_showwarning(message, category, filename, lineno, file, line)
+        return
+    get_logger().warning(
+        "python_warning",
+        category=category.__name__,
+        message=str(message),
+        source=f"{filename}:{lineno}",
+    )
 
 
 def get_logger(**initial: Any) -> Any:
