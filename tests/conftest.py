@@ -28,6 +28,15 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def running_with(marker: str) -> list[int]:
+    """Processes running with `marker` (a daemon's config path) among their arguments."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if marker in (p.info["cmdline"] or []):
+            found.append(p.info["pid"])
+    return found
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -131,12 +140,7 @@ class Daemon:
 
     def strays(self) -> list[int]:
         """Processes still running this daemon's command line (forked workers carry it)."""
-        marker = str(self.config_path)
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if p.info["pid"] != self.pid and marker in (p.info["cmdline"] or []):
-                found.append(p.info["pid"])
-        return found
+        return [pid for pid in running_with(str(self.config_path)) if pid != self.pid]
 
     def send(self, sig: int) -> None:
         os.kill(self.pid, sig)

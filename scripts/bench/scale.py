@@ -131,8 +131,10 @@ def run_scale(
     (--pin), the servers and the generator each run on their own CPUs."""
     records: list[Record] = []
     noted: set[str] = set()
+    server_cpus = cpus.servers if cpus else None
+    generator_cpus = cpus.generator if cpus else None
     for i, n in enumerate(sizes):
-        targets = scale_targets(n, ports, cpus.servers if cpus else None)
+        targets = scale_targets(n, ports, server_cpus)
         # Alternate which goes first, as the throughput section does.
         for target in targets[i % 2 :] + targets[: i % 2]:
             if reason := target.unavailable():
@@ -141,8 +143,7 @@ def run_scale(
                     noted.add(target.name)
                 continue
             try:
-                generator = cpus.generator if cpus else None
-                record = measure_scale(target, n, binary, plan, host, generator)
+                record = measure_scale(target, n, binary, plan, host, generator_cpus)
             except (TargetUnavailable, LoadgenError) as exc:
                 note(f"scale N={n} {target.name}: skipped: {exc}")
                 continue

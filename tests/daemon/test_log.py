@@ -20,9 +20,7 @@ import psutil
 import pytest
 import tomli_w
 
-from tests.conftest import daemon_section, echo_roundtrip, free_port, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO, daemon_section, echo_roundtrip, free_port, wait_for
 
 SCRIPT = textwrap.dedent(
     """
@@ -142,8 +140,11 @@ def test_what_a_handler_prints_comes_out_at_once(
         monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     (tmp_path / "printing.py").write_text(PRINTING)
     port = free_port()
-    server = {"listen": f"127.0.0.1:{port}", "handler": "printing:Printing"}
-    server["concurrency"] = concurrency
+    server = {
+        "listen": f"127.0.0.1:{port}",
+        "handler": "printing:Printing",
+        "concurrency": concurrency,
+    }
     if concurrency != "inline":
         server["workers"] = 1
     daemon = start_daemon(daemon_section(tmp_path) + tomli_w.dumps({"servers": {"p": server}}))

@@ -17,7 +17,14 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-from tests.conftest import REPO, daemon_section, echo_roundtrip, free_port, wait_for
+from tests.conftest import (
+    REPO,
+    daemon_section,
+    echo_roundtrip,
+    free_port,
+    running_with,
+    wait_for,
+)
 
 FAILING = """
 import socketserver
@@ -78,7 +85,7 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        wait_for(lambda: not strays(str(config)), timeout=5)
+        wait_for(lambda: not running_with(str(config)), timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -88,12 +95,3 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
 def replacement(pid: int, dead: int) -> bool:
     """Whether the daemon `pid` has a fork worker again, other than `dead`."""
     return any(child.pid != dead for child in psutil.Process(pid).children())
-
-
-def strays(marker: str) -> list[int]:
-    """Processes still running with `marker` (the config path) on their command line."""
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if marker in (p.info["cmdline"] or []):
-            found.append(p.info["pid"])
-    return found
