@@ -161,6 +161,7 @@ def throughput_targets(
         PeerTarget("ThreadingTCPServer", "threading", ports),
         PeerTarget("ForkingTCPServer", "forking", ports),
         PeerTarget("asyncio", "asyncio", ports),
+        PeerTarget("uvloop", "uvloop", ports),
         XinetdTarget(ports),
     ]
     for target in targets:

@@ -5,6 +5,7 @@ Usage (the benchmark starts these itself; by hand, from scripts/):
     python3 -m bench.peers threading 127.0.0.1 20001
     python3 -m bench.peers forking 127.0.0.1 20001
     python3 -m bench.peers asyncio 127.0.0.1 20001
+    python3 -m bench.peers uvloop 127.0.0.1 20001           # asyncio on uvloop (pip install uvloop)
     python3 -m bench.peers threading-many 127.0.0.1 20001 1000   # ports 20001..21000
 
 Every server serves the same echo: recv up to 64 KiB, send it back, until the client closes.
@@ -12,8 +13,9 @@ EchoHandler below is it for the socketserver peers and for selectd itself (its t
 `bench.peers:EchoHandler`); it is the same loop as selectd's built-in echo
 (servers/services.py EchoStreamHandler), and asyncio runs that loop over streams.
 
-This module uses the standard library only, and nothing from the bench package, so that what is
-measured is stock socketserver and asyncio. A peer runs until it is sent SIGTERM.
+This module uses the standard library only (uvloop is imported by its own peer alone), and nothing
+from the bench package, so that what is measured is stock socketserver and asyncio. A peer runs
+until it is sent SIGTERM.
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ def serve_asyncio(host: str, port: int) -> None:
     asyncio.run(_serve_asyncio(host, port))
 
 
+def serve_uvloop(host: str, port: int) -> None:
+    """The asyncio streams echo, run on uvloop's event loop (libuv) instead of asyncio's own."""
+    import uvloop  # only this peer needs it; the others run wherever the stdlib does
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve_asyncio(host, port))
+
+
 def serve_threading_many(host: str, first_port: int, count: int) -> None:
     """Serve count ThreadingTCPServers on consecutive ports, each serve_forever in its own thread.
 
@@ -114,6 +124,8 @@ def main(argv: list[str]) -> int:
         serve_socketserver(ForkingEchoServer, host, port)
     elif kind == "asyncio":
         serve_asyncio(host, port)
+    elif kind == "uvloop":
+        serve_uvloop(host, port)
     elif kind == "threading-many":
         serve_threading_many(host, port, int(argv[3]))
     else:

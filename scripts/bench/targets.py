@@ -18,6 +18,7 @@ Methods that may be overridden (ProcessTarget): command() (required), env(), cwd
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -168,7 +169,7 @@ def python_env(*paths: Path) -> dict[str, str]:
 
 
 class PeerTarget(ProcessTarget):
-    """A stdlib peer from bench.peers: "threading", "forking", "asyncio" or "threading-many".
+    """A peer from bench.peers: "threading", "forking", "asyncio", "uvloop" or "threading-many".
 
     With "threading-many", nports ThreadingTCPServers run in one process (the scale section).
     """
@@ -176,6 +177,12 @@ class PeerTarget(ProcessTarget):
     def __init__(self, name: str, peer: str, ports: PortAllocator, *, nports: int = 1) -> None:
         super().__init__(name, ports, nports=nports)
         self.peer = peer
+
+    def unavailable(self) -> str | None:
+        # The peer runs on this interpreter (sys.executable), so what we can import, it can.
+        if self.peer == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            return "uvloop is not installed (pip install -e '.[bench]')"
+        return None
 
     def command(self, workdir: Path, ports: Sequence[int]) -> list[str]:
         argv = [sys.executable, "-m", "bench.peers", self.peer, self.host, str(ports[0])]
