@@ -74,3 +74,13 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
         assert row["rounds"] == 1 and row["ratio"]["median"] > 0, row
         assert row["cost_ratio"]["median"] > 0, row  # each side's CPU per op was measured
     assert {r["target"] for r in data["scale"]} == {"ThreadingTCPServer", "selectd"}
+    # The paired dispatch figure: selectd with 1 listener against selectd with N (10 in --quick).
+    dispatch = data["dispatch"]
+    assert (dispatch["n"], dispatch["rounds"]) == (10, 1), dispatch
+    (figures,) = dispatch["figures"]
+    for side in ("1", "n"):
+        assert figures[side]["rtt_per_sec"] > 0 and figures[side]["rtt_p50_us"] > 0, figures
+    assert dispatch["p50_ratio"]["median"] == round(
+        figures["n"]["rtt_p50_us"] / figures["1"]["rtt_p50_us"], 2
+    )
+    assert "dispatch with 10 listeners against 1: rtt p50" in proc.stdout

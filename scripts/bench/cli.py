@@ -34,6 +34,8 @@ from .loadgen import DEFAULT_SOURCE_ADDRS, LoadgenError, build_loadgen
 from .ports import PortAllocator
 from .proctree import become_subreaper, machine_busy_pct, reap_orphans
 from .report import (
+    dispatch_line,
+    dispatch_ratios,
     markdown_report,
     ratio_lines,
     ratios,
@@ -43,7 +45,7 @@ from .report import (
     warning_lines,
     write_results,
 )
-from .scale import ScalePlan, run_scale
+from .scale import ScalePlan, run_dispatch, run_scale
 from .selectd import FORK_WORKERS, THREAD_WORKERS, SelectdTarget
 from .targets import REPO_DIR, PeerTarget, ProcessTarget
 from .throughput import OTHER_BUSY_PCT, LoadPlan, run_throughput
@@ -134,9 +136,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     # --only narrows the run to some targets, unless --scale asks for it.
     run_scale_section = args.scale or (not args.no_scale and (quick or args.only is None))
     scale_plan = (
-        ScalePlan(settle=0.2, idle=0.5, dispatch_duration=0.5, warmup=0.2)
+        ScalePlan(settle=0.2, idle=0.5, dispatch_duration=0.5, warmup=0.2, dispatch_rounds=1)
         if quick
-        else ScalePlan(dispatch_duration=args.duration or 3.0)
+        else ScalePlan(dispatch_duration=args.duration or 3.0, dispatch_rounds=plan.repeats)
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Settings(
@@ -231,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = settings.plan
     records: list[dict[str, Any]] = []
     scale_records: list[dict[str, Any]] = []
+    dispatch: dict[str, Any] | None = None
     clock = time.monotonic()
     try:
         if settings.throughput:
@@ -256,6 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 HOST,
                 settings.cpus,
             )
+            n = max(settings.scale_sizes)
+            print(f"dispatch: selectd with 1 listener against {n}", flush=True)
+            rounds = run_dispatch(
+                n, ports, binary, settings.scale_plan, note, progress, HOST, settings.cpus
+            )
+            dispatch = dispatch_ratios(rounds) if rounds else None
     finally:
         reap_orphans()
 
@@ -294,16 +303,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scale_records:
         print()
         print(scale_table(scale_records))
+    if dispatch:
+        print(dispatch_line(dispatch))
     payload = {
         "meta": meta,
         "runs": records,
         "summary": summary,
         "ratios": ratio_rows,
         "scale": scale_records,
+        "dispatch": dispatch,
         "notes": notes,
     }
     json_path, md_path = write_results(
-        settings.results, payload, markdown_report(meta, summary, ratio_rows, scale_records, notes)
+        settings.results,
+        payload,
+        markdown_report(meta, summary, ratio_rows, scale_records, notes, dispatch),
     )
     print(f"\nresults: {json_path} {md_path}")
     return 0

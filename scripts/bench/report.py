@@ -4,6 +4,7 @@ Usage:
 
     summary = summarize(records)                # one row per (target, mode, clients)
     rows = ratios(records, summary)             # paired selectd/peer ratios
+    dispatch = dispatch_ratios(record)          # N listeners against 1 (scale.run_dispatch)
     lines = ratio_lines(rows)  # ["selectd-thread conn/s vs ThreadingTCPServer: 2.30x [...] ...]
     print(throughput_table(summary))
     write_results(results_dir, payload, markdown)
@@ -145,13 +146,7 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
     "selectd-thread conn/s vs ThreadingTCPServer: 2.30x [2.10-2.41] (5 rounds, 32 clients)"."""
     lines = []
     for r in rows:
-        spread = r["ratio"]
-        if spread is None:
-            ratio = "n/a"
-        elif spread["min"] == spread["max"]:
-            ratio = f"{spread['median']:.2f}x"
-        else:
-            ratio = f"{spread['median']:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
+        ratio = "n/a" if r["ratio"] is None else _fmt_ratio(r["ratio"])
         unit = _UNITS.get(str(r["mode"]), str(r["mode"]))
         caveats = [
             f"{r['rounds']} round{'s' if r['rounds'] != 1 else ''}",
@@ -165,6 +160,45 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
                 caveats.append(f"{r[side]} left {r[f'{side}_starved']} unserved")
         lines.append(f"{r['selectd']} {unit} vs {r['peer']}: {ratio} ({', '.join(caveats)})")
     return lines
+
+
+def dispatch_ratios(record: Record) -> Record:
+    """Pair scale.run_dispatch()'s rounds: per round, the figure with N listeners over the one
+    with 1, then the median [min-max] of those ("p50_ratio" over 1 means N made dispatch
+    slower), beside each side's own spread."""
+    rounds = record["rounds"]
+
+    def side(key: str, figure: str) -> dict[str, float]:
+        return _spread([float(r[key][figure]) for r in rounds])
+
+    def paired(figure: str) -> dict[str, float]:
+        return _spread([float(r["n"][figure]) / float(r["1"][figure]) for r in rounds], 2)
+
+    return {
+        "n": record["n"],
+        "rounds": len(rounds),
+        "p50_us_1": side("1", "rtt_p50_us"),
+        "p50_us_n": side("n", "rtt_p50_us"),
+        "p50_ratio": paired("rtt_p50_us"),
+        "rtt_ratio": paired("rtt_per_sec"),
+        "figures": rounds,
+    }
+
+
+def dispatch_line(row: Record) -> str:
+    """ "dispatch with 1000 listeners against 1: rtt p50 1.01x [...], rtt/s 0.99x [...] (...)"."""
+    rounds = f"{row['rounds']} round{'s' if row['rounds'] != 1 else ''}"
+    return (
+        f"dispatch with {row['n']} listeners against 1: rtt p50 {_fmt_ratio(row['p50_ratio'])} "
+        f"({_fmt_spread(row['p50_us_n'])} us against {_fmt_spread(row['p50_us_1'])} us), "
+        f"rtt/s {_fmt_ratio(row['rtt_ratio'])} ({rounds}, 1 client)"
+    )
+
+
+def _fmt_ratio(spread: Record) -> str:
+    if spread["min"] == spread["max"]:
+        return f"{spread['median']:.2f}x"
+    return f"{spread['median']:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
 
 
 def warning_lines(summary: Sequence[Record]) -> list[str]:
@@ -302,8 +336,9 @@ def markdown_report(
     ratio_rows: Sequence[Record],
     scale: Sequence[Record],
     notes: Sequence[str],
+    dispatch: Record | None = None,
 ) -> str:
-    """The whole report as markdown: setup, throughput, ratios, scale, notes."""
+    """The whole report as markdown: setup, throughput, ratios, scale, dispatch, notes."""
     parts = [
         f"# selectd benchmark {meta['started']}",
         "",
@@ -331,6 +366,13 @@ def markdown_report(
     ]
     if scale:
         parts += ["## Idle and scale", "", scale_table(scale, markdown=True), ""]
+    if dispatch:
+        parts += [
+            f"Paired: {dispatch_line(dispatch)}. Each round ran selectd with one listener and "
+            f"selectd with {dispatch['n']} one after the other; a ratio is the median over the "
+            "rounds of the second's figure divided by the first's [min-max].",
+            "",
+        ]
     if notes:
         parts += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(parts)

@@ -12,6 +12,11 @@ process running N ThreadingTCPServers, each in serve_forever in its own thread. 
 - idle_cpu_pct and wakeups_per_s: CPU and voluntary context switches (all threads) while nobody
   connects. The stdlib's serve_forever polls every 0.5 s, so N servers wake 2N times a second;
 - dispatch: rtt with one client on one listener while the N-1 others stay registered.
+
+Then run_dispatch() pairs that last figure, as the throughput section pairs its peers: selectd
+with one listener and selectd with the largest N run side by side, and take turns under the same
+one-client load for a few rounds, so each round compares two figures taken seconds apart (this
+VM's speed drifts too much for single runs minutes apart to tell a 10% difference).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class ScalePlan:
     idle: float = 3.0
     dispatch_duration: float = 3.0
     warmup: float = 0.5
+    dispatch_rounds: int = 5  # run_dispatch(): rounds of N=1 against the largest N
 
 
 def scale_targets(
@@ -115,6 +121,71 @@ def measure_scale(
         return record
     finally:
         target.stop()
+
+
+def run_dispatch(
+    n: int,
+    ports: PortAllocator,
+    binary: Path,
+    plan: ScalePlan,
+    note: Note,
+    progress: Note,
+    host: str = "127.0.0.1",
+    cpus: CpuSplit | None = None,
+) -> Record | None:
+    """What n registered listeners cost a dispatch: selectd with 1 listener and selectd with n,
+    both running, take turns (in alternating order) at one-client rtt on their first listener.
+
+    Returns {"n": n, "rounds": [{"1": figures, "n": figures}, ...]}, figures being rtt_per_sec
+    and rtt_p50_us; report.dispatch_ratios() pairs them. None (with a note) when selectd cannot
+    run here.
+    """
+    targets = [
+        SelectdTarget(
+            f"selectd N={size}",
+            ports,
+            concurrency=SCALE_CONCURRENCY,
+            workers=SCALE_WORKERS,
+            nservers=size,
+        )
+        for size in (1, n)
+    ]
+    if reason := targets[0].unavailable():
+        note(f"dispatch: skipped: {reason}")
+        return None
+    spec = LoadSpec(
+        mode="rtt",
+        clients=1,
+        duration=plan.dispatch_duration,
+        warmup=plan.warmup,
+        cpus=cpus.generator if cpus else None,
+    )
+    rounds: list[Record] = []
+    try:
+        running = []
+        for target in targets:
+            target.cpus = cpus.servers if cpus else None
+            running.append(target.start())
+        for i in range(plan.dispatch_rounds):
+            figures: Record = {}
+            for key, run in [("1", running[0]), ("n", running[1])][:: -1 if i % 2 else 1]:
+                result = run_loadgen(binary, host, run.port, spec)
+                figures[key] = {
+                    "rtt_per_sec": result["ops_per_sec"],
+                    "rtt_p50_us": result["latency_us"]["p50"],
+                }
+            rounds.append(figures)
+            progress(
+                f"  dispatch round {i + 1}: rtt p50 {figures['1']['rtt_p50_us']:.0f}us with 1 "
+                f"listener, {figures['n']['rtt_p50_us']:.0f}us with {n}"
+            )
+    except (TargetUnavailable, LoadgenError) as exc:
+        note(f"dispatch: skipped: {exc}")
+        return None
+    finally:
+        for target in targets:
+            target.stop()
+    return {"n": n, "rounds": rounds}
 
 
 def run_scale(
