@@ -83,17 +83,20 @@ def run(config: Config, path: str | None) -> int:
     from .supervisor import Supervisor
 
     logmod.line_buffered_stdout()
+    logmod.start_background()
     logmod.configure(config.daemon.log_format, config.daemon.log_level)
     try:
         return Supervisor(config, path).run()
     except DaemonError as exc:
         logmod.get_logger().error("startup_failed", error=str(exc))
+        logmod.drain()  # the event first, then the line for a human
         print(f"selectd: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:  # pragma: no cover - only before the signal handlers exist
         return ExitStatus.RUNTIME
     except Exception as exc:  # a bug: say so in the log's own format, exit 1
         logmod.get_logger().critical("daemon_crashed", exc_type=type(exc).__name__, exc_info=True)
+        logmod.drain()
         print(f"selectd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return ExitStatus.RUNTIME
     finally:

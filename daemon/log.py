@@ -6,14 +6,25 @@ once: make_filtering_bound_logger builds no-op methods for them, so the hot path
 
 The `servers` package logs through the stdlib's logging module; a small handler forwards those
 records into the same structlog pipeline, so the whole process speaks one format.
+
+In the daemon's own process, lines reach stderr through a writer thread (start_background()): a
+sink that stops reading (a hung journald, a paused terminal, a log shipper that stalls) holds up
+that thread, not the loop or a pool thread that logs. Up to PENDING_LIMIT bytes wait for it; past
+that, lines are dropped and counted, and a `log_lines_dropped` event says how many once the
+sink takes lines again. Forked children (fork workers, exec and upgrade children) write for
+themselves: a stall there holds up one request at most.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
+import select
 import sys
+import threading
+import time
 import warnings
 from typing import Any, TextIO
 
@@ -72,37 +83,181 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     warnings.showwarning = _show_warning
 
 
+# How much log text may wait for a sink that does not keep up before lines are dropped.
+PENDING_LIMIT = 1 << 20
+# How long release_stdio() waits for the writer thread to hand the sink what is pending.
+DRAIN_TIMEOUT = 5.0
+
+
+class _Background:
+    """The writer thread and the lines waiting for it (start_background())."""
+
+    def __init__(self, fd: int, encoding: str, errors: str) -> None:
+        self.fd = fd
+        self.pid = os.getpid()
+        self._encoding, self._errors = encoding, errors
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[str] = []
+        self._size = 0
+        self._dropped = 0
+        self._writing = False
+        self._thread = threading.Thread(target=self._run, name="selectd-log", daemon=True)
+        self._thread.start()
+
+    def put(self, text: str) -> int:
+        with self._cond:
+            if self._size + len(text) > PENDING_LIMIT:
+                self._dropped += 1
+                return 0
+            self._pending.append(text)
+            self._size += len(text)
+            if len(self._pending) == 1:
+                self._cond.notify()
+        return len(text)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every pending line is written (or given up on); False at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._writing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def _run(self) -> None:
+        _name_this_thread(b"selectd-log")
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                text = "".join(self._pending)
+                self._pending.clear()
+                self._size = 0
+                dropped, self._dropped = self._dropped, 0
+                self._writing = True
+            try:
+                self._write_all(self._encode(text))
+                if dropped:  # queued behind the backlog it was dropped behind
+                    get_logger().warning("log_lines_dropped", lines=dropped)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def _encode(self, text: str) -> bytes:
+        try:
+            return text.encode(self._encoding, self._errors)
+        except (UnicodeError, LookupError):  # a strict stream: never lose the writer over it
+            return text.encode("utf-8", "backslashreplace")
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:  # someone made the descriptor non-blocking: wait for room
+                select.select([], [self.fd], [], 1.0)
+            except OSError:
+                return  # the sink is gone: these lines are lost, as a closed pipe loses them
+
+
+def _name_this_thread(name: bytes) -> None:
+    """Set the calling thread's name as `top -H`, `ps -L` and /proc/PID/task/TID/comm show it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # a name is a courtesy
+
+
+_PR_SET_NAME = 15
+_background: _Background | None = None
+
+
+def start_background(stream: TextIO | None = None) -> None:
+    """In the daemon's own process: from now on, the loggers configure() sets up on `stream`
+    (sys.stderr) hand their lines to a writer thread instead of writing them."""
+    global _background
+    stream = stream or sys.stderr
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a descriptor (a test's StringIO): lines are written as they come
+    if _background is None or _background.pid != os.getpid():
+        stream.flush()
+        _background = _Background(
+            fd,
+            getattr(stream, "encoding", None) or "utf-8",
+            getattr(stream, "errors", None) or "strict",
+        )
+
+
+def _forget_background() -> None:
+    # In a forked child the writer thread does not exist, and its lock may be held for ever.
+    global _background
+    _background = None
+
+
+os.register_at_fork(after_in_child=_forget_background)
+
+
 class _Sink:
     """The log stream as structlog writes to it: a line that cannot be written is dropped.
 
     structlog raises a failed write into whatever logged: the loop in the middle of replacing a
     dead fork worker, a pool thread reporting a handler's failure, a graceful stop. A log sink
     that goes away (a closed pipe to a log shipper, a hung-up terminal, a full disk) must cost
-    the log lines, not the daemon.
+    the log lines, not the daemon. Where start_background() runs a writer thread for this
+    stream's descriptor, a line goes to it instead, so that a sink that stops reading costs
+    the lines past PENDING_LIMIT, not a stalled loop.
     """
 
-    __slots__ = ("__weakref__", "_stream")  # structlog keys its write lock by a weak reference
+    # structlog keys its write lock by a weak reference
+    __slots__ = ("__weakref__", "_fd", "_stream")
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None
 
     def write(self, text: str) -> int:
+        background = _background
+        if background is not None and background.fd == self._fd:
+            return background.put(text)
         try:
             return self._stream.write(text)
         except (OSError, ValueError):  # ValueError: the stream was closed under us
             return 0
 
     def flush(self) -> None:
+        background = _background
+        if background is not None and background.fd == self._fd:
+            return  # the writer thread writes unbuffered
         try:
             self._stream.flush()
         except (OSError, ValueError):
             pass
 
 
+def drain(timeout: float = DRAIN_TIMEOUT) -> bool:
+    """Wait (up to `timeout`) until the writer thread has handed the sink every line logged so
+    far, as before text written to stderr directly should follow them; False if it could not."""
+    background = _background
+    if background is None or background.pid != os.getpid():
+        return True
+    return background.drain(timeout)
+
+
 def release_stdio() -> None:
-    """Before the interpreter exits: flush stdout and stderr, and point one whose reader is
-    gone at /dev/null, so that Python's own last flush cannot fail and turn a clean stop into
-    exit status 120."""
+    """Before the interpreter exits: let the log's writer thread write what is pending (for up
+    to DRAIN_TIMEOUT: a sink that has stopped reading must not keep the daemon from exiting),
+    flush stdout and stderr, and point one whose reader is gone at /dev/null, so that Python's
+    own last flush cannot fail and turn a clean stop into exit status 120."""
+    drain()
     for stream in (sys.stdout, sys.stderr):
         if stream is None:
             continue

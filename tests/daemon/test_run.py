@@ -212,13 +212,17 @@ def test_thread_cpu_puts_thread_pools_on_one_cpu_and_nothing_else(
     for _ in range(8):
         assert echo_roundtrip(thread_port) == b"hello\n"
         assert echo_roundtrip(fork_port) == b"hello\n"
-    pool_threads = [t.id for t in psutil.Process(daemon.pid).threads() if t.id != daemon.pid]
+    threads = {t.id for t in psutil.Process(daemon.pid).threads()} - {daemon.pid}
+    log_threads = {tid for tid in threads if thread_name(daemon.pid, tid) == "selectd-log"}
+    assert len(log_threads) == 1, "the log writer thread is not there, or not named"
+    pool_threads = threads - log_threads
     assert pool_threads, "the thread pool started no thread"
     for tid in pool_threads:
         assert os.sched_getaffinity(tid) == {cpu}, f"pool thread {tid}"
-    # The loop itself, and the fork workers (processes of their own, no GIL to share), keep
-    # every CPU.
+    # The loop itself, the log's writer thread, and the fork workers (processes of their own,
+    # no GIL to share), keep every CPU.
     assert os.sched_getaffinity(daemon.pid) == allowed
+    assert os.sched_getaffinity(log_threads.pop()) == allowed
     workers = daemon.children()
     assert len(workers) == 2
     for worker in workers:
@@ -548,3 +552,7 @@ def test_second_sigint_forces(start_daemon, tmp_path: Path, handlers: str) -> No
         daemon.send(signal.SIGINT)
         daemon.wait_event("shutdown_forcing")
     assert daemon.proc.wait(15) == 1
+
+
+def thread_name(pid: int, tid: int) -> str:
+    return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()

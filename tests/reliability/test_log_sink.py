@@ -8,15 +8,22 @@ without tripping over it, and stop cleanly with status 0.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
 import tomli_w
 
+from daemon.log import DRAIN_TIMEOUT
 from tests.conftest import (
     REPO,
     daemon_section,
@@ -95,3 +102,124 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
 def replacement(pid: int, dead: int) -> bool:
     """Whether the daemon `pid` has a fork worker again, other than `dead`."""
     return any(child.pid != dead for child in psutil.Process(pid).children())
+
+
+# A failure whose log line is ~20 KB (the message, twice: in the event and in its traceback).
+FAILING_LOUDLY = """
+import socketserver
+
+
+class Fail(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.rfile.readline()
+        raise ValueError("x" * 10000)
+"""
+
+
+def stalled_sink_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, dict[str, int]]:
+    """A daemon whose stdout and stderr are a small pipe the test holds but does not read.
+
+    Servers: "echo" (thread pool), "inline" and "thread" (each request fails loudly; the first
+    logs from the loop itself). Returns the process, the pipe's read end (positioned after
+    daemon_ready) and the ports.
+    """
+    (tmp_path / "loud.py").write_text(FAILING_LOUDLY)
+    ports = {name: free_port() for name in ("echo", "inline", "thread")}
+    servers = {
+        "echo": {"listen": f"127.0.0.1:{ports['echo']}", "handler": "echo"},
+        "inline": {
+            "listen": f"127.0.0.1:{ports['inline']}",
+            "handler": "loud:Fail",
+            "concurrency": "inline",
+        },
+        "thread": {"listen": f"127.0.0.1:{ports['thread']}", "handler": "loud:Fail"},
+    }
+    config = tmp_path / "selectd.toml"
+    config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # full after a line or two
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "-c", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=write_end,
+        stderr=write_end,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)])),
+        cwd=tmp_path,
+    )
+    os.close(write_end)
+    seen = b""
+    deadline = time.monotonic() + 15
+    while b'"daemon_ready"' not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+        if select.select([read_end], [], [], 0.1)[0]:
+            seen += os.read(read_end, 65536)
+    # Whatever else is in the pipe now is left there: from here on nobody reads.
+    return proc, read_end, ports
+
+
+def control(tmp_path: Path, command: str) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(tmp_path / "control.sock"))
+        s.sendall(json.dumps({"command": command}).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())
+
+
+def fail_requests(ports: dict[str, int], count: int) -> None:
+    for i in range(count):
+        port = ports["inline"] if i % 2 else ports["thread"]
+        assert echo_roundtrip(port) == b""  # the handler raised: logged, to a sink that waits
+
+
+def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path) -> None:
+    proc, read_end, ports = stalled_sink_daemon(tmp_path)
+    try:
+        # ~2.4 MB of request_failed lines against a 4 KB pipe: the first fill the pipe, the
+        # next wait in the daemon (up to 1 MiB), the rest are dropped and counted.
+        fail_requests(ports, 120)
+        started = time.monotonic()
+        assert echo_roundtrip(ports["echo"]) == b"hello\n"
+        assert control(tmp_path, "ping")["result"] == "pong"
+        assert time.monotonic() - started < 2.0, "the loop waited on its log"
+
+        # The reader comes back: what waited is written, then how much was dropped.
+        lines: list[dict[str, object]] = []
+        logs = os.fdopen(read_end, "rb")
+        reader = threading.Thread(target=lambda: lines.extend(json.loads(raw) for raw in logs))
+        reader.start()
+        wait_for(lambda: any(line["event"] == "log_lines_dropped" for line in lines[:]))
+        proc.send_signal(signal.SIGTERM)
+        reader.join(30)  # to EOF: the daemon (and all it forked) has exited
+        logs.close()
+        assert proc.wait(30) == 0
+        events = [line["event"] for line in lines]
+        failed = events.count("request_failed")
+        (dropped,) = [line for line in lines if line["event"] == "log_lines_dropped"]
+        assert failed > 10 and dropped["lines"] > 10
+        assert failed + dropped["lines"] == 120, (failed, dropped)
+        assert events.index("log_lines_dropped") > max(
+            i for i, e in enumerate(events) if e == "request_failed"
+        ), "the count comes after the lines it was dropped behind"
+        assert events[-1] == "shutdown_complete"
+        assert not running_with(str(tmp_path / "selectd.toml"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_graceful_stop_does_not_wait_for_ever_on_a_stalled_log_sink(tmp_path: Path) -> None:
+    proc, read_end, ports = stalled_sink_daemon(tmp_path)
+    try:
+        fail_requests(ports, 10)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        # The writer thread stays blocked on the full pipe; the daemon gives it DRAIN_TIMEOUT.
+        assert proc.wait(30) == 0
+        assert time.monotonic() - started < DRAIN_TIMEOUT + 5
+        wait_for(lambda: not running_with(str(tmp_path / "selectd.toml")), timeout=5)
+    finally:
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
