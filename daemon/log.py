@@ -9,10 +9,10 @@ records into the same structlog pipeline, so the whole process speaks one format
 
 In the daemon's own process, lines reach stderr through a writer thread (start_background()): a
 sink that stops reading (a hung journald, a paused terminal, a log shipper that stalls) holds up
-that thread, not the loop or a pool thread that logs. Up to PENDING_LIMIT bytes wait for it; past
-that, lines are dropped and counted, and a `log_lines_dropped` event says how many once the
-sink takes lines again. Forked children (fork workers, exec and upgrade children) write for
-themselves: a stall there holds up one request at most.
+that thread, not the loop or a pool thread that logs. Up to PENDING_LIMIT characters of lines
+wait for it; past that, lines are dropped and counted, and a `log_lines_dropped` event says how
+many once the sink takes lines again. Forked children (fork workers, exec and upgrade children)
+write for themselves: a stall there holds up one request at most.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     warnings.showwarning = _show_warning
 
 
-# How much log text may wait for a sink that does not keep up before lines are dropped.
+# How much log text (characters) may wait for a sink that does not keep up before lines drop.
 PENDING_LIMIT = 1 << 20
 # How long release_stdio() waits for the writer thread to hand the sink what is pending.
 DRAIN_TIMEOUT = 5.0
