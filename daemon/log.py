@@ -7,12 +7,13 @@ once: make_filtering_bound_logger builds no-op methods for them, so the hot path
 The `servers` package logs through the stdlib's logging module; a small handler forwards those
 records into the same structlog pipeline, so the whole process speaks one format.
 
-In the daemon's own process, lines reach stderr through a writer thread (start_background()): a
-sink that stops reading (a hung journald, a paused terminal, a log shipper that stalls) holds up
-that thread, not the loop or a pool thread that logs. Up to PENDING_LIMIT characters of lines
-wait for it; past that, lines are dropped and counted, and a `log_lines_dropped` event says how
-many once the sink takes lines again. Forked children (fork workers, exec and upgrade children)
-write for themselves: a stall there holds up one request at most.
+In the daemon's own process, nothing that logs ever waits for stderr (start_background()): a
+line is written at once when the sink takes it, and when a sink stops reading (a hung journald,
+a paused terminal, a log shipper that stalls) what it would not take waits for a writer thread
+instead of the loop or a pool thread. Up to PENDING_LIMIT bytes wait; past that, lines are
+dropped and counted, and a `log_lines_dropped` event says how many once the sink takes lines
+again. Forked children (fork workers, exec and upgrade children) write for themselves: a stall
+there holds up one request at most.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import io
 import logging
 import os
 import select
+import socket
+import stat
 import sys
 import threading
 import time
@@ -83,36 +86,78 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     warnings.showwarning = _show_warning
 
 
-# How much log text (characters) may wait for a sink that does not keep up before lines drop.
+# How many bytes of log lines may wait for a sink that does not keep up before lines drop.
 PENDING_LIMIT = 1 << 20
 # How long release_stdio() waits for the writer thread to hand the sink what is pending.
 DRAIN_TIMEOUT = 5.0
 
 
 class _Background:
-    """The writer thread and the lines waiting for it (start_background())."""
+    """Writes that never block the caller, and a thread for what the sink would not take yet.
 
-    def __init__(self, fd: int, encoding: str, errors: str) -> None:
-        self.fd = fd
+    A line is written at once, by whoever logs it, without waiting: a send with MSG_DONTWAIT
+    where stderr is a socket (the journal's), else a write on a second, non-blocking open of
+    the same pipe or terminal (its own file description, so that the O_NONBLOCK flag never
+    reaches the shell or the other processes that share stderr). What the sink does not take
+    then waits, in order, for the writer thread, which blocks on the sink instead; while any
+    waits, later lines queue behind it.
+    """
+
+    def __init__(
+        self, fd: int, out: int, sock: socket.socket | None, encoding: str, errors: str
+    ) -> None:
+        self.fd = fd  # the stream's descriptor, which sinks are matched by
         self.pid = os.getpid()
+        self._out = out  # the descriptor written: the second open, or the socket's dup
+        self._sock = sock
         self._encoding, self._errors = encoding, errors
         self._cond = threading.Condition(threading.Lock())
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._size = 0
         self._dropped = 0
         self._writing = False
         self._thread = threading.Thread(target=self._run, name="selectd-log", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def open(cls, stream: TextIO) -> _Background | None:
+        """For a stream on a socket, pipe or terminal; None for anything else (a regular file
+        never makes a writer wait for a reader) or when the second open is refused."""
+        try:
+            fd = stream.fileno()
+            mode = os.fstat(fd).st_mode
+            sock = None
+            if stat.S_ISSOCK(mode):
+                sock = socket.socket(fileno=os.dup(fd))
+                out = sock.fileno()
+            elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+                flags = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+                out = os.open(f"/proc/self/fd/{fd}", flags)
+            else:
+                return None
+        except (AttributeError, OSError, ValueError):
+            return None  # not a descriptor (a test's StringIO), or no second open: write as before
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        errors = getattr(stream, "errors", None) or "strict"
+        return cls(fd, out, sock, encoding, errors)
+
     def put(self, text: str) -> int:
+        data = self._encode(text)
         with self._cond:
-            if self._size + len(text) > PENDING_LIMIT:
+            if not self._pending and not self._writing:
+                try:
+                    written = self._write_now(data)
+                except OSError:
+                    return 0  # the sink is gone: the line is lost, as _Sink loses it
+                if written == len(data):
+                    return len(text)
+                data = data[written:]
+            elif self._size + len(data) > PENDING_LIMIT:
                 self._dropped += 1
                 return 0
-            self._pending.append(text)
-            self._size += len(text)
-            if len(self._pending) == 1:
-                self._cond.notify()
+            self._pending.append(data)
+            self._size += len(data)
+            self._cond.notify()
         return len(text)
 
     def drain(self, timeout: float) -> bool:
@@ -126,41 +171,49 @@ class _Background:
                 self._cond.wait(remaining)
         return True
 
+    def _write_now(self, data: bytes) -> int:
+        """Write what the sink takes without waiting; raises OSError but for a full sink."""
+        try:
+            if self._sock is not None:
+                return self._sock.send(data, socket.MSG_DONTWAIT)
+            return os.write(self._out, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
     def _run(self) -> None:
         _name_this_thread(b"selectd-log")
         while True:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                text = "".join(self._pending)
+                data = b"".join(self._pending)
                 self._pending.clear()
                 self._size = 0
                 dropped, self._dropped = self._dropped, 0
                 self._writing = True
             try:
-                self._write_all(self._encode(text))
-                if dropped:  # queued behind the backlog it was dropped behind
-                    get_logger().warning("log_lines_dropped", lines=dropped)
+                self._write_all(data)
             finally:
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
-
-    def _encode(self, text: str) -> bytes:
-        try:
-            return text.encode(self._encoding, self._errors)
-        except (UnicodeError, LookupError):  # a strict stream: never lose the writer over it
-            return text.encode("utf-8", "backslashreplace")
+            if dropped:  # after the backlog it was dropped behind
+                get_logger().warning("log_lines_dropped", lines=dropped)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self.fd, view) :]
-            except BlockingIOError:  # someone made the descriptor non-blocking: wait for room
-                select.select([], [self.fd], [], 1.0)
-            except OSError:
+                select.select([], [self._out], [], None)
+                view = view[self._write_now(view) :]
+            except (OSError, ValueError):
                 return  # the sink is gone: these lines are lost, as a closed pipe loses them
+
+    def _encode(self, text: str) -> bytes:
+        try:
+            return text.encode(self._encoding, self._errors)
+        except (UnicodeError, LookupError):  # a strict stream: never lose a line over it
+            return text.encode("utf-8", "backslashreplace")
 
 
 def _name_this_thread(name: bytes) -> None:
@@ -178,20 +231,12 @@ _background: _Background | None = None
 
 def start_background(stream: TextIO | None = None) -> None:
     """In the daemon's own process: from now on, the loggers configure() sets up on `stream`
-    (sys.stderr) hand their lines to a writer thread instead of writing them."""
+    (sys.stderr) write without ever waiting on it (see _Background)."""
     global _background
     stream = stream or sys.stderr
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return  # not a descriptor (a test's StringIO): lines are written as they come
     if _background is None or _background.pid != os.getpid():
         stream.flush()
-        _background = _Background(
-            fd,
-            getattr(stream, "encoding", None) or "utf-8",
-            getattr(stream, "errors", None) or "strict",
-        )
+        _background = _Background.open(stream)
 
 
 def _forget_background() -> None:
@@ -209,9 +254,9 @@ class _Sink:
     structlog raises a failed write into whatever logged: the loop in the middle of replacing a
     dead fork worker, a pool thread reporting a handler's failure, a graceful stop. A log sink
     that goes away (a closed pipe to a log shipper, a hung-up terminal, a full disk) must cost
-    the log lines, not the daemon. Where start_background() runs a writer thread for this
-    stream's descriptor, a line goes to it instead, so that a sink that stops reading costs
-    the lines past PENDING_LIMIT, not a stalled loop.
+    the log lines, not the daemon. Where start_background() set up writes that never wait for
+    this stream's descriptor, a line goes that way, so that a sink that stops reading costs the
+    lines past PENDING_LIMIT, not a stalled loop.
     """
 
     # structlog keys its write lock by a weak reference
@@ -236,7 +281,7 @@ class _Sink:
     def flush(self) -> None:
         background = _background
         if background is not None and background.fd == self._fd:
-            return  # the writer thread writes unbuffered
+            return  # written unbuffered, by put() or the writer thread
         try:
             self._stream.flush()
         except (OSError, ValueError):

@@ -8,6 +8,7 @@ without tripping over it, and stop cleanly with status 0.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -18,9 +19,11 @@ import subprocess
 import sys
 import threading
 import time
+import tty
 from pathlib import Path
 
 import psutil
+import pytest
 import tomli_w
 
 from daemon.log import DRAIN_TIMEOUT
@@ -116,11 +119,43 @@ class Fail(socketserver.StreamRequestHandler):
 """
 
 
-def stalled_sink_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, dict[str, int]]:
-    """A daemon whose stdout and stderr are a small pipe the test holds but does not read.
+SINKS = ("pipe", "socket", "terminal")
+
+
+def sink(kind: str) -> tuple[int, int]:
+    """(our end, the daemon's end) of a small log sink of `kind`: full after a line or two."""
+    if kind == "pipe":
+        ours, theirs = os.pipe()
+        fcntl.fcntl(theirs, fcntl.F_SETPIPE_SZ, 4096)
+    elif kind == "socket":  # as the journal's stream socket
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours, theirs = a.detach(), b.detach()
+    else:
+        ours, theirs = os.openpty()
+        tty.setraw(theirs)  # no \r added to the lines
+    return ours, theirs
+
+
+def read_some(fd: int) -> bytes:
+    """What the sink holds now (b"" at its end: a terminal says EIO when the last writer goes)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
+def stalled_sink_daemon(
+    tmp_path: Path, kind: str
+) -> tuple[subprocess.Popen[bytes], int, dict[str, int]]:
+    """A daemon whose stdout and stderr are a small sink of `kind`, which the test holds but
+    does not read.
 
     Servers: "echo" (thread pool), "inline" and "thread" (each request fails loudly; the first
-    logs from the loop itself). Returns the process, the pipe's read end (positioned after
+    logs from the loop itself). Returns the process, our end of the sink (read up to
     daemon_ready) and the ports.
     """
     (tmp_path / "loud.py").write_text(FAILING_LOUDLY)
@@ -136,25 +171,28 @@ def stalled_sink_daemon(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, d
     }
     config = tmp_path / "selectd.toml"
     config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # full after a line or two
+    ours, theirs = sink(kind)
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "run", "-c", str(config)],
         stdin=subprocess.DEVNULL,
-        stdout=write_end,
-        stderr=write_end,
+        stdout=theirs,
+        stderr=theirs,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)])),
         cwd=tmp_path,
     )
-    os.close(write_end)
+    os.close(theirs)
     seen = b""
     deadline = time.monotonic() + 15
     while b'"daemon_ready"' not in seen:
         assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
-        if select.select([read_end], [], [], 0.1)[0]:
-            seen += os.read(read_end, 65536)
-    # Whatever else is in the pipe now is left there: from here on nobody reads.
-    return proc, read_end, ports
+        if select.select([ours], [], [], 0.1)[0]:
+            seen += read_some(ours)
+    # The daemon writes without waiting on a second open of the sink (or MSG_DONTWAIT on a
+    # socket): the O_NONBLOCK flag must not be on the description it shares with others.
+    flags = int(Path(f"/proc/{proc.pid}/fdinfo/2").read_text().split()[3], 8)
+    assert not flags & os.O_NONBLOCK, "the daemon made its shared stderr non-blocking"
+    # Whatever else is in the sink now is left there: from here on nobody reads.
+    return proc, ours, ports
 
 
 def control(tmp_path: Path, command: str) -> dict[str, object]:
@@ -171,11 +209,12 @@ def fail_requests(ports: dict[str, int], count: int) -> None:
         assert echo_roundtrip(port) == b""  # the handler raised: logged, to a sink that waits
 
 
-def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path) -> None:
-    proc, read_end, ports = stalled_sink_daemon(tmp_path)
+@pytest.mark.parametrize("kind", SINKS)
+def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path, kind: str) -> None:
+    proc, ours, ports = stalled_sink_daemon(tmp_path, kind)
     try:
-        # ~2.4 MB of request_failed lines against a 4 KB pipe: the first fill the pipe, the
-        # next wait in the daemon (up to 1 MiB), the rest are dropped and counted.
+        # ~2.4 MB of request_failed lines against a 4 KB sink: the first fill it, the next
+        # wait in the daemon (up to 1 MiB), the rest are dropped and counted.
         fail_requests(ports, 120)
         started = time.monotonic()
         assert echo_roundtrip(ports["echo"]) == b"hello\n"
@@ -183,15 +222,19 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path) 
         assert time.monotonic() - started < 2.0, "the loop waited on its log"
 
         # The reader comes back: what waited is written, then how much was dropped.
-        lines: list[dict[str, object]] = []
-        logs = os.fdopen(read_end, "rb")
-        reader = threading.Thread(target=lambda: lines.extend(json.loads(raw) for raw in logs))
+        received = bytearray()
+
+        def read_to_end() -> None:
+            while chunk := read_some(ours):
+                received.extend(chunk)
+
+        reader = threading.Thread(target=read_to_end)
         reader.start()
-        wait_for(lambda: any(line["event"] == "log_lines_dropped" for line in lines[:]))
+        wait_for(lambda: b'"log_lines_dropped"' in received)
         proc.send_signal(signal.SIGTERM)
-        reader.join(30)  # to EOF: the daemon (and all it forked) has exited
-        logs.close()
+        reader.join(30)  # to the end: the daemon (and all it forked) has exited
         assert proc.wait(30) == 0
+        lines = [json.loads(line) for line in bytes(received).splitlines() if line.strip()]
         events = [line["event"] for line in lines]
         failed = events.count("request_failed")
         (dropped,) = [line for line in lines if line["event"] == "log_lines_dropped"]
@@ -203,23 +246,27 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path) 
         assert events[-1] == "shutdown_complete"
         assert not running_with(str(tmp_path / "selectd.toml"))
     finally:
+        os.close(ours)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_a_graceful_stop_does_not_wait_for_ever_on_a_stalled_log_sink(tmp_path: Path) -> None:
-    proc, read_end, ports = stalled_sink_daemon(tmp_path)
+@pytest.mark.parametrize("kind", SINKS)
+def test_a_graceful_stop_does_not_wait_for_ever_on_a_stalled_log_sink(
+    tmp_path: Path, kind: str
+) -> None:
+    proc, ours, ports = stalled_sink_daemon(tmp_path, kind)
     try:
         fail_requests(ports, 10)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        # The writer thread stays blocked on the full pipe; the daemon gives it DRAIN_TIMEOUT.
+        # The writer thread stays blocked on the full sink; the daemon gives it DRAIN_TIMEOUT.
         assert proc.wait(30) == 0
         assert time.monotonic() - started < DRAIN_TIMEOUT + 5
         wait_for(lambda: not running_with(str(tmp_path / "selectd.toml")), timeout=5)
     finally:
-        os.close(read_end)
+        os.close(ours)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
