@@ -63,15 +63,7 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
     config = tmp_path / "selectd.toml"
     config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
     read_end, write_end = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "-c", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=write_end,
-        stderr=write_end,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)])),
-        cwd=tmp_path,
-    )
-    os.close(write_end)
+    proc = start_writing_to(write_end, config, tmp_path)
     try:
         with os.fdopen(read_end, "rb") as logs:
             for line in logs:
@@ -100,6 +92,22 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def start_writing_to(fd: int, config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
+    """Start the daemon on `config` with stdout and stderr on `fd` (which the test then closes:
+    the daemon holds the only copy), handler modules from tmp_path."""
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)])),
+            cwd=tmp_path,
+        )
+    finally:
+        os.close(fd)
 
 
 def replacement(pid: int, dead: int) -> bool:
@@ -172,15 +180,7 @@ def stalled_sink_daemon(
     config = tmp_path / "selectd.toml"
     config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
     ours, theirs = sink(kind)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "-c", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=theirs,
-        stderr=theirs,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)])),
-        cwd=tmp_path,
-    )
-    os.close(theirs)
+    proc = start_writing_to(theirs, config, tmp_path)
     seen = b""
     deadline = time.monotonic() + 15
     while b'"daemon_ready"' not in seen:
