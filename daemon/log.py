@@ -216,16 +216,26 @@ class _Background:
             return text.encode("utf-8", "backslashreplace")
 
 
+def _find_prctl() -> Any:
+    # Looked up once, at import: a thread that called dlopen() itself could be holding the
+    # loader's lock at the moment another thread forks, and the child's next dlopen() (a
+    # handler importing an extension module) would wait for ever.
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()
+_PR_SET_NAME = 15
+
+
 def _name_this_thread(name: bytes) -> None:
     """Set the calling thread's name as `top -H`, `ps -L` and /proc/PID/task/TID/comm show it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # a name is a courtesy
+    if _PRCTL is not None:  # a name is a courtesy
+        _PRCTL(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
-_PR_SET_NAME = 15
 _background: _Background | None = None
 
 

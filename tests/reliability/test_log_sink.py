@@ -191,6 +191,8 @@ def stalled_sink_daemon(
     # socket): the O_NONBLOCK flag must not be on the description it shares with others.
     flags = int(Path(f"/proc/{proc.pid}/fdinfo/2").read_text().split()[3], 8)
     assert not flags & os.O_NONBLOCK, "the daemon made its shared stderr non-blocking"
+    names = [p.read_text().strip() for p in Path(f"/proc/{proc.pid}/task").glob("*/comm")]
+    assert names.count("selectd-log") == 1, names  # what waits for the sink, as top -H shows it
     # Whatever else is in the sink now is left there: from here on nobody reads.
     return proc, ours, ports
 
