@@ -193,12 +193,12 @@ class _Background:
                 self._writing = True
             try:
                 self._write_all(data)
+                if dropped:  # queued (we are still writing) behind the lines it followed
+                    get_logger().warning("log_lines_dropped", lines=dropped)
             finally:
                 with self._cond:
                     self._writing = False
                     self._cond.notify_all()
-            if dropped:  # after the backlog it was dropped behind
-                get_logger().warning("log_lines_dropped", lines=dropped)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
