@@ -107,7 +107,6 @@ class _Background:
         self, fd: int, out: int, sock: socket.socket | None, encoding: str, errors: str
     ) -> None:
         self.fd = fd  # the stream's descriptor, which sinks are matched by
-        self.pid = os.getpid()
         self._out = out  # the descriptor written: the second open, or the socket's dup
         self._sock = sock
         self._encoding, self._errors = encoding, errors
@@ -244,7 +243,7 @@ def start_background(stream: TextIO | None = None) -> None:
     (sys.stderr) write without ever waiting on it (see _Background)."""
     global _background
     stream = stream or sys.stderr
-    if _background is None or _background.pid != os.getpid():
+    if _background is None:  # a forked child has none (_forget_background)
         stream.flush()
         _background = _Background.open(stream)
 
@@ -302,9 +301,7 @@ def drain(timeout: float = DRAIN_TIMEOUT) -> bool:
     """Wait (up to `timeout`) until the writer thread has handed the sink every line logged so
     far, as before text written to stderr directly should follow them; False if it could not."""
     background = _background
-    if background is None or background.pid != os.getpid():
-        return True
-    return background.drain(timeout)
+    return True if background is None else background.drain(timeout)
 
 
 def release_stdio() -> None:
