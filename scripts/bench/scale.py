@@ -53,19 +53,30 @@ class ScalePlan:
     warmup: float = 0.5
     dispatch_rounds: int = 5  # run_dispatch(): rounds of N=1 against the largest N
 
+    def dispatch_spec(self, generator_cpus: frozenset[int] | None) -> LoadSpec:
+        """The dispatch load: one rtt client, on `generator_cpus` (None: anywhere)."""
+        return LoadSpec(
+            mode="rtt",
+            clients=1,
+            duration=self.dispatch_duration,
+            warmup=self.warmup,
+            cpus=generator_cpus,
+        )
+
+
+def selectd_target(name: str, ports: PortAllocator, n: int) -> SelectdTarget:
+    """selectd serving the echo on n listeners, as the scale section runs it."""
+    return SelectdTarget(
+        name, ports, concurrency=SCALE_CONCURRENCY, workers=SCALE_WORKERS, nservers=n
+    )
+
 
 def scale_targets(
     n: int, ports: PortAllocator, cpus: frozenset[int] | None = None
 ) -> list[ProcessTarget]:
     """The two contenders for N listeners, to run on `cpus` (None: anywhere)."""
     targets: list[ProcessTarget] = [
-        SelectdTarget(
-            "selectd",
-            ports,
-            concurrency=SCALE_CONCURRENCY,
-            workers=SCALE_WORKERS,
-            nservers=n,
-        ),
+        selectd_target("selectd", ports, n),
         PeerTarget("ThreadingTCPServer", "threading-many", ports, nports=n),
     ]
     for target in targets:
@@ -103,14 +114,7 @@ def measure_scale(
             "idle_cpu_pct": round(after.cpu_pct_since(before), 2),
             "wakeups_per_s": round(after.wakeups_per_s_since(before), 1),
         }
-        spec = LoadSpec(
-            mode="rtt",
-            clients=1,
-            duration=plan.dispatch_duration,
-            warmup=plan.warmup,
-            cpus=generator_cpus,
-        )
-        result = run_loadgen(binary, host, running.port, spec)
+        result = run_loadgen(binary, host, running.port, plan.dispatch_spec(generator_cpus))
         latency = result["latency_us"]
         record.update(
             rtt_per_sec=result["ops_per_sec"],
@@ -140,26 +144,11 @@ def run_dispatch(
     and rtt_p50_us; report.dispatch_ratios() pairs them. None (with a note) when selectd cannot
     run here.
     """
-    targets = [
-        SelectdTarget(
-            f"selectd N={size}",
-            ports,
-            concurrency=SCALE_CONCURRENCY,
-            workers=SCALE_WORKERS,
-            nservers=size,
-        )
-        for size in (1, n)
-    ]
+    targets = [selectd_target(f"selectd N={size}", ports, size) for size in (1, n)]
     if reason := targets[0].unavailable():
         note(f"dispatch: skipped: {reason}")
         return None
-    spec = LoadSpec(
-        mode="rtt",
-        clients=1,
-        duration=plan.dispatch_duration,
-        warmup=plan.warmup,
-        cpus=cpus.generator if cpus else None,
-    )
+    spec = plan.dispatch_spec(cpus.generator if cpus else None)
     rounds: list[Record] = []
     try:
         running = []
