@@ -149,8 +149,8 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
         ratio = "n/a" if r["ratio"] is None else _fmt_ratio(r["ratio"])
         unit = _UNITS.get(str(r["mode"]), str(r["mode"]))
         caveats = [
-            f"{r['rounds']} round{'s' if r['rounds'] != 1 else ''}",
-            f"{r['clients']} client{'s' if r['clients'] != 1 else ''}",
+            _count(r["rounds"], "round"),
+            _count(r["clients"], "client"),
         ]
         if r.get("cost_ratio"):
             caveats.append(f"machine CPU per op {r['cost_ratio']['median']:.2f}x")
@@ -187,12 +187,16 @@ def dispatch_ratios(record: Record) -> Record:
 
 def dispatch_line(row: Record) -> str:
     """ "dispatch with 1000 listeners against 1: rtt p50 1.01x [...], rtt/s 0.99x [...] (...)"."""
-    rounds = f"{row['rounds']} round{'s' if row['rounds'] != 1 else ''}"
     return (
         f"dispatch with {row['n']} listeners against 1: rtt p50 {_fmt_ratio(row['p50_ratio'])} "
         f"({_fmt_spread(row['p50_us_n'])} us against {_fmt_spread(row['p50_us_1'])} us), "
-        f"rtt/s {_fmt_ratio(row['rtt_ratio'])} ({rounds}, 1 client)"
+        f"rtt/s {_fmt_ratio(row['rtt_ratio'])} ({_count(row['rounds'], 'round')}, 1 client)"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 round", "7 rounds"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fmt_ratio(spread: Record) -> str:
