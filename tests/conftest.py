@@ -110,11 +110,7 @@ class Daemon:
 
     def control(self, command: str, **args: Any) -> dict[str, Any]:
         """One request on the control socket; the reply object."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(self.control_socket)
-            s.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
-            return json.loads(s.makefile("rb").readline())
+        return control_request(self.control_socket, command, **args)
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Until the control socket answers ping (at any log level)."""
@@ -192,6 +188,15 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             leaked += daemon.strays()
         daemon.close()
     assert not leaked, f"processes outlived their daemon: {leaked}"
+
+
+def control_request(path: str, command: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """One request on the control socket at `path`; the reply object."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())
 
 
 def daemon_section(tmp_path: Path, **extra: Any) -> str:

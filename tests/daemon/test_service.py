@@ -18,7 +18,15 @@ import psutil
 import pytest
 import tomli_w
 
-from tests.conftest import REPO, Daemon, daemon_section, echo_roundtrip, free_port, wait_for
+from tests.conftest import (
+    REPO,
+    Daemon,
+    control_request,
+    daemon_section,
+    echo_roundtrip,
+    free_port,
+    wait_for,
+)
 
 HANDLERS = """
 import os
@@ -505,7 +513,7 @@ def test_socket_activation_serves_the_named_sockets(tmp_path: Path) -> None:
         wait_for(lambda: (tmp_path / "activated.log").read_text().count("Listening on") == 2)
         assert echo_roundtrip(web, b"activated\n") == b"activated\n"
         assert echo_roundtrip(other, b"forked\n") == b"forked\n"
-        status = _control(tmp_path, "status")["result"]["servers"]
+        status = control_request(f"{tmp_path}/control.sock", "status")["result"]["servers"]
         assert status["web"]["listen"] == "systemd:web"
         assert status["web"]["address"] == f"127.0.0.1:{web}"
         proc.send_signal(signal.SIGTERM)
@@ -546,13 +554,3 @@ def test_socket_activation_mismatch_is_a_clear_error(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _control(tmp_path: Path, command: str) -> dict:
-    import json
-
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(f"{tmp_path}/control.sock")
-        s.sendall(json.dumps({"command": command}).encode() + b"\n")
-        return json.loads(s.makefile("rb").readline())

@@ -29,6 +29,7 @@ import tomli_w
 from daemon.log import DRAIN_TIMEOUT
 from tests.conftest import (
     REPO,
+    control_request,
     daemon_section,
     echo_roundtrip,
     free_port,
@@ -197,14 +198,6 @@ def stalled_sink_daemon(
     return proc, ours, ports
 
 
-def control(tmp_path: Path, command: str) -> dict[str, object]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(str(tmp_path / "control.sock"))
-        s.sendall(json.dumps({"command": command}).encode() + b"\n")
-        return json.loads(s.makefile("rb").readline())
-
-
 def fail_requests(ports: dict[str, int], count: int) -> None:
     for i in range(count):
         port = ports["inline"] if i % 2 else ports["thread"]
@@ -220,7 +213,8 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path, 
         fail_requests(ports, 120)
         started = time.monotonic()
         assert echo_roundtrip(ports["echo"]) == b"hello\n"
-        assert control(tmp_path, "ping")["result"] == "pong"
+        ping = control_request(f"{tmp_path}/control.sock", "ping", timeout=5)
+        assert ping["result"] == "pong"
         assert time.monotonic() - started < 2.0, "the loop waited on its log"
 
         # The reader comes back: what waited is written, then how much was dropped.
