@@ -1,4 +1,5 @@
-"""The benchmark's paired dispatch figure (report.dispatch_ratios): N listeners against 1."""
+"""The benchmark's pairing of figures: N listeners against 1 (report.dispatch_ratios), and a
+peer against its twin, the noise floor (report.ratios, cli.throughput_targets)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench.report import dispatch_line, dispatch_ratios
+from bench.cli import throughput_targets
+from bench.ports import PortAllocator
+from bench.report import dispatch_line, dispatch_ratios, ratio_lines, ratios, summarize
+from bench.targets import PEER, SELECTD, TWIN
 
 
 def figures(p50_1: float, p50_n: float, rtt_1: float, rtt_n: float) -> dict[str, object]:
@@ -44,3 +48,83 @@ def test_one_round_reads_as_one_figure() -> None:
         "dispatch with 10 listeners against 1: rtt p50 1.04x (56 us against 54 us), "
         "rtt/s 0.98x (1 round, 1 client)"
     )
+
+
+def run(target: str, kind: str, repeat: int, ops: float, twin_of: str | None = None) -> dict:
+    """One throughput record (throughput.to_record) with what ratios() reads."""
+    return {
+        "target": target,
+        "kind": kind,
+        "twin_of": twin_of,
+        "mode": "rtt",
+        "clients": 32,
+        "repeat": repeat,
+        "ops_per_sec": ops,
+        "p50_us": 300.0,
+        "p99_us": 700.0,
+        "server_cpu_pct": 100.0,
+        "loadgen_cpu_pct": 70.0,
+        "other_cpu_pct": 0.0,
+        "errors_total": 0,
+        "per_conn_min": 100,
+        "per_conn_max": 200,
+        "starved": 0,
+        "loadgen_threads": 1,
+    }
+
+
+def test_a_twin_is_paired_with_its_original_alone() -> None:
+    # Two stdlib peers, each with its twin, and selectd. A twin is neither selectd nor a peer:
+    # it is compared with its own original only, and nothing is compared with it.
+    records = []
+    for repeat, (selectd, forking, twin) in enumerate(
+        [(90.0, 100.0, 95.0), (110.0, 100.0, 105.0), (100.0, 80.0, 88.0)], start=1
+    ):
+        records += [
+            run("selectd-fork", SELECTD, repeat, selectd),
+            run("ForkingTCPServer", PEER, repeat, forking),
+            run("ThreadingTCPServer", PEER, repeat, 50.0),
+            run("ForkingTCPServer-twin", TWIN, repeat, twin, twin_of="ForkingTCPServer"),
+            run("ThreadingTCPServer-twin", TWIN, repeat, 55.0, twin_of="ThreadingTCPServer"),
+        ]
+    rows = ratios(records, summarize(records))
+    pairs = [(r["selectd"], r["peer"], r["twin"]) for r in rows]
+    assert pairs == [
+        ("selectd-fork", "ForkingTCPServer", False),
+        ("selectd-fork", "ThreadingTCPServer", False),
+        ("ForkingTCPServer-twin", "ForkingTCPServer", True),
+        ("ThreadingTCPServer-twin", "ThreadingTCPServer", True),
+    ]
+    assert rows[2]["ratio"] == {"median": 1.05, "min": 0.95, "max": 1.1}
+    assert rows[3]["ratio"] == {"median": 1.1, "min": 1.1, "max": 1.1}
+    assert ratio_lines(rows)[2:] == [
+        "ForkingTCPServer rtt/s vs a second ForkingTCPServer (noise floor): 1.05x [0.95-1.10] "
+        "(3 rounds, 32 clients, machine CPU per op 0.95x)",
+        "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): 1.10x "
+        "(3 rounds, 32 clients, machine CPU per op 0.91x)",
+    ]
+
+
+def test_twins_run_after_the_stdlib_peers_they_copy() -> None:
+    ports = PortAllocator("127.0.0.1")
+    names = [t.name for t in throughput_targets(ports, None, twins=True)]
+    assert names == [
+        "selectd-thread",
+        "selectd-fork",
+        "ThreadingTCPServer",
+        "ForkingTCPServer",
+        "ThreadingTCPServer-twin",
+        "ForkingTCPServer-twin",
+        "asyncio",
+        "uvloop",
+        "xinetd",
+    ]
+    only = ("selectd-fork", "forkingtcpserver", "asyncio")
+    chosen = throughput_targets(ports, only, frozenset({1}), twins=True)
+    assert [(t.name, t.kind, t.twin_of, t.cpus) for t in chosen] == [
+        ("selectd-fork", SELECTD, None, frozenset({1})),
+        ("ForkingTCPServer", PEER, None, frozenset({1})),
+        ("ForkingTCPServer-twin", TWIN, "ForkingTCPServer", frozenset({1})),
+        ("asyncio", PEER, None, frozenset({1})),
+    ]
+    assert [t.name for t in throughput_targets(ports, ("asyncio",), twins=True)] == ["asyncio"]

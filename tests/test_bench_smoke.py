@@ -1,9 +1,9 @@
 """Smoke test of the benchmark: `scripts/bench.py --quick` runs, reports, and cleans up.
 
 It exercises the load generator's build, both load modes, selectd (thread and fork pools) and
-two stdlib peers side by side, the paired ratios and the results files. Every process the
-benchmark starts inherits a marker in its environment, so the test can tell whether any of them
-outlived the run.
+two stdlib peers side by side (one of them twice, --twins), the paired ratios and the results
+files. Every process the benchmark starts inherits a marker in its environment, so the test can
+tell whether any of them outlived the run.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     results = tmp_path / "results"
     try:
         proc = subprocess.run(
-            [sys.executable, str(BENCH), "--quick", "--results", str(results)],
+            [sys.executable, str(BENCH), "--quick", "--twins", "--results", str(results)],
             env={**os.environ, MARK: token},
             capture_output=True,
             text=True,
@@ -60,7 +60,8 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     data = json.loads((results / "results.json").read_text())
     assert (results / "results.md").read_text().startswith("# selectd benchmark")
     assert not [n for n in data["notes"] if "skipped" in n], data["notes"]
-    for target in ("ThreadingTCPServer", "asyncio", "selectd-thread", "selectd-fork"):
+    targets = ("ThreadingTCPServer", "ThreadingTCPServer-twin", "asyncio", "selectd-thread")
+    for target in (*targets, "selectd-fork"):
         runs = [r for r in data["runs"] if r["target"] == target]
         assert {r["mode"] for r in runs} == {"conn", "rtt"}, target
         for run in runs:
@@ -70,6 +71,10 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     pairs = {(r["selectd"], r["peer"], r["mode"]) for r in data["ratios"]}
     assert ("selectd-thread", "ThreadingTCPServer", "rtt") in pairs
     assert ("selectd-fork", "asyncio", "conn") in pairs
+    # --twins: the second ThreadingTCPServer is measured against the first, and only that.
+    twins = {(r["selectd"], r["peer"], r["mode"]) for r in data["ratios"] if r["twin"]}
+    assert twins == {("ThreadingTCPServer-twin", "ThreadingTCPServer", m) for m in ("conn", "rtt")}
+    assert "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): " in proc.stdout
     for row in data["ratios"]:
         assert row["rounds"] == 1 and row["ratio"]["median"] > 0, row
         assert row["cost_ratio"]["median"] > 0, row  # each side's CPU per op was measured

@@ -8,6 +8,7 @@ Usage:
     python3 scripts/bench.py --sweep             # clients 1, 8, 32, 128
     python3 scripts/bench.py --scale             # the idle and scale section only
     python3 scripts/bench.py --pin               # generator on a CPU of its own (bench/cpus.py)
+    python3 scripts/bench.py --twins             # + a second copy of each stdlib peer: noise floor
 
 Results go to --results DIR (default results/bench-<timestamp>/): results.json and results.md.
 Exit status: 0 when the run completed (skipped targets are notes, not failures), 2 when it could
@@ -55,6 +56,8 @@ HOST = "127.0.0.1"
 SWEEP_CLIENTS = (1, 8, 32, 128)
 SCALE_SIZES = (10, 100, 1000)
 QUICK_TARGETS = ("ThreadingTCPServer", "asyncio", "selectd-thread", "selectd-fork")
+# The peers --twins runs twice: those of the rtt/s targets, which sit at 1x.
+TWINNED_PEERS = ("threading", "forking")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Settings:
 
     plan: LoadPlan
     only: tuple[str, ...] | None  # target names, lower-cased; None: all
+    twins: bool  # --twins
     throughput: bool
     scale_sizes: tuple[int, ...]
     scale_plan: ScalePlan
@@ -92,6 +96,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--pin",
         action="store_true",
         help="generator on CPUs of its own (one per thread), every server on the rest",
+    )
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="also run a second copy of ThreadingTCPServer and ForkingTCPServer: how far from 1 "
+        "two identical servers read (the noise floor of a ratio)",
     )
     section = parser.add_mutually_exclusive_group()
     section.add_argument("--scale", action="store_true", help="only the idle and scale section")
@@ -144,6 +154,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         plan=plan,
         only=only,
+        twins=args.twins,
         throughput=not args.scale,
         scale_sizes=((10,) if quick else SCALE_SIZES) if run_scale_section else (),
         scale_plan=scale_plan,
@@ -153,10 +164,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def throughput_targets(
-    ports: PortAllocator, only: tuple[str, ...] | None, cpus: frozenset[int] | None = None
+    ports: PortAllocator,
+    only: tuple[str, ...] | None,
+    cpus: frozenset[int] | None = None,
+    twins: bool = False,
 ) -> list[ProcessTarget]:
     """The throughput section's targets, in their first-repeat order, filtered by --only, each
-    to run on `cpus` (None: anywhere)."""
+    to run on `cpus` (None: anywhere); with `twins`, a twin of each TWINNED_PEERS peer follows
+    the last of them, so that it runs about as far from its original as selectd's targets run
+    from theirs."""
     targets: list[ProcessTarget] = [
         SelectdTarget("selectd-thread", ports, concurrency="thread", workers=THREAD_WORKERS),
         SelectdTarget("selectd-fork", ports, concurrency="fork", workers=FORK_WORKERS),
@@ -166,15 +182,20 @@ def throughput_targets(
         PeerTarget("uvloop", "uvloop", ports),
         XinetdTarget(ports),
     ]
+    if only is not None:
+        unknown = set(only) - {t.name.lower() for t in targets}
+        if unknown:
+            print(f"bench: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+            raise SystemExit(2)
+        targets = [t for t in targets if t.name.lower() in only]
+    if twins:
+        twinned = [t for t in targets if isinstance(t, PeerTarget) and t.peer in TWINNED_PEERS]
+        if twinned:
+            at = targets.index(twinned[-1]) + 1
+            targets[at:at] = [t.twin() for t in twinned]
     for target in targets:
         target.cpus = cpus
-    if only is None:
-        return targets
-    unknown = set(only) - {t.name.lower() for t in targets}
-    if unknown:
-        print(f"bench: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-        raise SystemExit(2)
-    return [t for t in targets if t.name.lower() in only]
+    return targets
 
 
 def raise_nofile_limit() -> int:
@@ -238,7 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if settings.throughput:
             targets = throughput_targets(
-                ports, settings.only, settings.cpus.servers if settings.cpus else None
+                ports,
+                settings.only,
+                settings.cpus.servers if settings.cpus else None,
+                settings.twins,
             )
             print(
                 f"throughput: {len(targets)} targets x {plan.repeats} repeats, modes "
@@ -289,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loadgen_threads": plan.loadgen_threads,
             "source_addrs": plan.source_addrs,
             "scale_sizes": settings.scale_sizes,
+            "twins": settings.twins,
         },
         "loadgen": str(binary),
         "cpus": settings.cpus.as_record() if settings.cpus else None,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .cpus import describe_split
-from .targets import PEER, SELECTD
+from .targets import PEER, SELECTD, TWIN
 from .throughput import OTHER_BUSY_PCT
 
 # A run or summary row as stored in results.json: JSON values, read by key.
@@ -61,6 +61,7 @@ def summarize(records: Iterable[Record]) -> list[Record]:
         row: Record = {
             "target": target,
             "kind": runs[0]["kind"],
+            "twin_of": runs[0].get("twin_of"),
             "mode": mode,
             "clients": clients,
             "runs": len(runs),
@@ -85,7 +86,9 @@ def _median(row: Record, figure: str) -> float:
 
 
 def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]:
-    """selectd/peer ratios of ops/s for every selectd target, peer, mode and client count.
+    """selectd/peer ratios of ops/s for every selectd target, peer, mode and client count; then
+    each twin's ratio to its original (the same server twice: how far from 1 the machine alone
+    moves a ratio), marked "twin": True.
 
     Paired: each round's selectd figure over the same round's peer figure (the two ran within
     seconds of each other), then the median of those, with their min-max. `ratio_of_medians`
@@ -104,35 +107,44 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
         if r["ops_per_sec"]:
             machine = r["server_cpu_pct"] + r["loadgen_cpu_pct"] + r["other_cpu_pct"]
             cost.setdefault(key, {})[r["repeat"]] = machine / r["ops_per_sec"]
+    by_kind: dict[object, list[Record]] = {}
+    for row in summary:
+        by_kind.setdefault(row["kind"], []).append(row)
+    pairs = [(s, p) for s in by_kind.get(SELECTD, []) for p in by_kind.get(PEER, [])]
+    pairs += [
+        (t, p)
+        for t in by_kind.get(TWIN, [])
+        for p in by_kind.get(PEER, [])
+        if p["target"] == t["twin_of"]
+    ]
     out = []
-    for s in (r for r in summary if r["kind"] == SELECTD):
-        for p in (r for r in summary if r["kind"] == PEER):
-            if (s["mode"], s["clients"]) != (p["mode"], p["clients"]):
-                continue
-            mine = ops[(s["target"], s["mode"], s["clients"])]
-            theirs = ops[(p["target"], p["mode"], p["clients"])]
-            paired = _paired(mine, theirs)
-            costs = _paired(
-                cost.get((s["target"], s["mode"], s["clients"]), {}),
-                cost.get((p["target"], p["mode"], p["clients"]), {}),
-            )
-            peer_median = _median(p, "ops_per_sec")
-            out.append(
-                {
-                    "selectd": s["target"],
-                    "peer": p["target"],
-                    "mode": s["mode"],
-                    "clients": s["clients"],
-                    "ratio": _spread(paired, 2) if paired else None,
-                    "cost_ratio": _spread(costs, 2) if costs else None,
-                    "rounds": len(paired),
-                    "ratio_of_medians": (
-                        round(_median(s, "ops_per_sec") / peer_median, 2) if peer_median else None
-                    ),
-                    "selectd_starved": s["starved_max"],
-                    "peer_starved": p["starved_max"],
-                }
-            )
+    for s, p in pairs:
+        if (s["mode"], s["clients"]) != (p["mode"], p["clients"]):
+            continue
+        mine, theirs = (ops[(r["target"], r["mode"], r["clients"])] for r in (s, p))
+        paired = _paired(mine, theirs)
+        costs = _paired(
+            cost.get((s["target"], s["mode"], s["clients"]), {}),
+            cost.get((p["target"], p["mode"], p["clients"]), {}),
+        )
+        peer_median = _median(p, "ops_per_sec")
+        out.append(
+            {
+                "selectd": s["target"],
+                "peer": p["target"],
+                "twin": s["kind"] == TWIN,
+                "mode": s["mode"],
+                "clients": s["clients"],
+                "ratio": _spread(paired, 2) if paired else None,
+                "cost_ratio": _spread(costs, 2) if costs else None,
+                "rounds": len(paired),
+                "ratio_of_medians": (
+                    round(_median(s, "ops_per_sec") / peer_median, 2) if peer_median else None
+                ),
+                "selectd_starved": s["starved_max"],
+                "peer_starved": p["starved_max"],
+            }
+        )
     return out
 
 
@@ -143,7 +155,8 @@ def _paired(mine: dict[object, float], theirs: dict[object, float]) -> list[floa
 
 def ratio_lines(rows: Sequence[Record]) -> list[str]:
     """One line per ratio (from ratios()):
-    "selectd-thread conn/s vs ThreadingTCPServer: 2.30x [2.10-2.41] (5 rounds, 32 clients)"."""
+    "selectd-thread conn/s vs ThreadingTCPServer: 2.30x [2.10-2.41] (5 rounds, 32 clients)", or
+    for a twin "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): ..."."""
     lines = []
     for r in rows:
         ratio = "n/a" if r["ratio"] is None else _fmt_ratio(r["ratio"])
@@ -158,7 +171,11 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
         for side in ("selectd", "peer"):
             if r[f"{side}_starved"]:
                 caveats.append(f"{r[side]} left {r[f'{side}_starved']} unserved")
-        lines.append(f"{r['selectd']} {unit} vs {r['peer']}: {ratio} ({', '.join(caveats)})")
+        if r.get("twin"):
+            what = f"{r['peer']} {unit} vs a second {r['peer']} (noise floor)"
+        else:
+            what = f"{r['selectd']} {unit} vs {r['peer']}"
+        lines.append(f"{what}: {ratio} ({', '.join(caveats)})")
     return lines
 
 
@@ -363,7 +380,14 @@ def markdown_report(
         "## selectd / peer",
         "",
         "Each round ran every target once, one after the other; a ratio is the median over the "
-        "rounds of selectd's figure divided by the peer's in the same round [min-max].",
+        "rounds of selectd's figure divided by the peer's in the same round [min-max]."
+        + (
+            " A noise floor is a peer measured against a second copy of itself (`-twin`, "
+            "--twins) in the same rounds: ratios that far from 1 are the machine's, not the "
+            "servers'."
+            if any(r.get("twin") for r in ratio_rows)
+            else ""
+        ),
         "",
         *(f"- {line}" for line in ratio_lines(ratio_rows) or ["(no selectd figures)"]),
         "",

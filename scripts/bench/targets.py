@@ -40,9 +40,11 @@ REPO_DIR = SCRIPTS_DIR.parent
 # How long a server may take from exec to accepting on every port before it is skipped.
 STARTUP_TIMEOUT = 10.0
 
-# Kinds of target, for pairing each selectd figure with each peer's.
+# Kinds of target, for pairing each selectd figure with each peer's, and each twin's with
+# its original's (PeerTarget.twin()).
 SELECTD = "selectd"
 PEER = "peer"
+TWIN = "twin"
 
 
 class TargetUnavailable(Exception):
@@ -65,11 +67,13 @@ class Running:
 class Target(ABC):
     """Something that serves the echo on loopback and can be started and stopped.
 
-    Class variables: kind (SELECTD or PEER); max_source_addrs (a cap on conn mode's -s, or None).
-    Methods for the caller: unavailable(), start(), stop().
+    Class variables: kind (SELECTD, PEER or TWIN); max_source_addrs (a cap on conn mode's -s,
+    or None). Methods for the caller: unavailable(), start(), stop().
     """
 
     kind: str = PEER
+    # A TWIN's original: the peer it is a second copy of.
+    twin_of: str | None = None
     # At most this many conn-mode source addresses (see loadgen.py DEFAULT_SOURCE_ADDRS).
     max_source_addrs: int | None = None
 
@@ -177,6 +181,13 @@ class PeerTarget(ProcessTarget):
     def __init__(self, name: str, peer: str, ports: PortAllocator, *, nports: int = 1) -> None:
         super().__init__(name, ports, nports=nports)
         self.peer = peer
+
+    def twin(self) -> PeerTarget:
+        """A second copy of this peer, run beside it: the ratio of two identical servers is how
+        far this machine lets a ratio stray from 1 (report.py pairs the two)."""
+        twin = PeerTarget(f"{self.name}-twin", self.peer, self.allocator, nports=self.nports)
+        twin.kind, twin.twin_of = TWIN, self.name
+        return twin
 
     def unavailable(self) -> str | None:
         # The peer runs on this interpreter (sys.executable), so what we can import, it can.

@@ -135,6 +135,7 @@ def to_record(target: Target, repeat: int, measured: Measured) -> Record:
     return {
         "target": target.name,
         "kind": target.kind,
+        "twin_of": target.twin_of,
         "mode": result["mode"],
         "clients": result["clients"],
         "repeat": repeat,
@@ -205,7 +206,7 @@ def run_throughput(
 
 def _progress_line(r: Record) -> str:
     return (
-        f"  [{r['repeat']}] {r['target']:<20} {r['mode']:<4} c={r['clients']:<4}"
+        f"  [{r['repeat']}] {r['target']:<23} {r['mode']:<4} c={r['clients']:<4}"
         f" {r['ops_per_sec']:>10.0f}/s  p50 {r['p50_us']:>8.0f}us  p99 {r['p99_us']:>8.0f}us"
         f"  err {r['errors_total']}  min/max {r['per_conn_min']}/{r['per_conn_max']}"
         f"  cpu srv {r['server_cpu_pct']:.0f}% gen {r['loadgen_cpu_pct']:.0f}%"
