@@ -60,8 +60,13 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
     data = json.loads((results / "results.json").read_text())
     assert (results / "results.md").read_text().startswith("# selectd benchmark")
     assert not [n for n in data["notes"] if "skipped" in n], data["notes"]
-    targets = ("ThreadingTCPServer", "ThreadingTCPServer-twin", "asyncio", "selectd-thread")
-    for target in (*targets, "selectd-fork"):
+    for target in (
+        "ThreadingTCPServer",
+        "ThreadingTCPServer-twin",
+        "asyncio",
+        "selectd-thread",
+        "selectd-fork",
+    ):
         runs = [r for r in data["runs"] if r["target"] == target]
         assert {r["mode"] for r in runs} == {"conn", "rtt"}, target
         for run in runs:

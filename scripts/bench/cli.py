@@ -8,7 +8,7 @@ Usage:
     python3 scripts/bench.py --sweep             # clients 1, 8, 32, 128
     python3 scripts/bench.py --scale             # the idle and scale section only
     python3 scripts/bench.py --pin               # generator on a CPU of its own (bench/cpus.py)
-    python3 scripts/bench.py --twins             # + a second copy of each stdlib peer: noise floor
+    python3 scripts/bench.py --twins             # + second Threading/ForkingTCPServer: noise floor
 
 Results go to --results DIR (default results/bench-<timestamp>/): results.json and results.md.
 Exit status: 0 when the run completed (skipped targets are notes, not failures), 2 when it could
