@@ -97,7 +97,12 @@ def test_a_twin_is_paired_with_its_original_alone() -> None:
     ]
     assert rows[2]["ratio"] == {"median": 1.05, "min": 0.95, "max": 1.1}
     assert rows[3]["ratio"] == {"median": 1.1, "min": 1.1, "max": 1.1}
-    assert ratio_lines(rows)[2:] == [
+    # Each selectd ratio ends with its peer's noise floor, to be read against it.
+    assert ratio_lines(rows) == [
+        "selectd-fork rtt/s vs ForkingTCPServer: 1.10x [0.90-1.25] "
+        "(3 rounds, 32 clients, machine CPU per op 0.91x, noise floor 1.05x [0.95-1.10])",
+        "selectd-fork rtt/s vs ThreadingTCPServer: 2.00x [1.80-2.20] "
+        "(3 rounds, 32 clients, machine CPU per op 0.50x, noise floor 1.10x)",
         "ForkingTCPServer rtt/s vs a second ForkingTCPServer (noise floor): 1.05x [0.95-1.10] "
         "(3 rounds, 32 clients, machine CPU per op 0.95x)",
         "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): 1.10x "

@@ -156,7 +156,13 @@ def _paired(mine: dict[object, float], theirs: dict[object, float]) -> list[floa
 def ratio_lines(rows: Sequence[Record]) -> list[str]:
     """One line per ratio (from ratios()):
     "selectd-thread conn/s vs ThreadingTCPServer: 2.30x [2.10-2.41] (5 rounds, 32 clients)", or
-    for a twin "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): ..."."""
+    for a twin "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): ...". A
+    ratio whose peer ran twice ends with that noise floor, to be read against it."""
+    floors = {
+        (r["peer"], r["mode"], r["clients"]): r["ratio"]
+        for r in rows
+        if r.get("twin") and r["ratio"]
+    }
     lines = []
     for r in rows:
         ratio = "n/a" if r["ratio"] is None else _fmt_ratio(r["ratio"])
@@ -175,6 +181,8 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
             what = f"{r['peer']} {unit} vs a second {r['peer']} (noise floor)"
         else:
             what = f"{r['selectd']} {unit} vs {r['peer']}"
+            if floor := floors.get((r["peer"], r["mode"], r["clients"])):
+                caveats.append(f"noise floor {_fmt_ratio(floor)}")
         lines.append(f"{what}: {ratio} ({', '.join(caveats)})")
     return lines
 
