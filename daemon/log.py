@@ -100,7 +100,9 @@ class _Background:
     the same pipe or terminal (its own file description, so that the O_NONBLOCK flag never
     reaches the shell or the other processes that share stderr). What the sink does not take
     then waits, in order, for the writer thread, which blocks on the sink instead; while any
-    waits, later lines queue behind it.
+    waits, later lines queue behind it. The thread starts with the first line the sink does
+    not take: while the sink keeps up, the daemon runs no thread for it (and forks its workers
+    from a process with no other thread).
     """
 
     def __init__(
@@ -115,8 +117,7 @@ class _Background:
         self._size = 0
         self._dropped = 0
         self._writing = False
-        self._thread = threading.Thread(target=self._run, name="selectd-log", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def open(cls, stream: TextIO) -> _Background | None:
@@ -156,8 +157,18 @@ class _Background:
                 return 0
             self._pending.append(data)
             self._size += len(data)
+            if self._thread is None:
+                self._start_writer()
             self._cond.notify()
         return len(text)
+
+    def _start_writer(self) -> None:
+        thread = threading.Thread(target=self._run, name="selectd-log", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:
+            return  # no thread to be had now: the line waits, and the next one tries again
+        self._thread = thread
 
     def drain(self, timeout: float) -> bool:
         """Wait until every pending line is written (or given up on); False at the timeout."""

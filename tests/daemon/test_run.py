@@ -213,7 +213,7 @@ def test_thread_cpu_puts_thread_pools_on_one_cpu_and_nothing_else(
         assert echo_roundtrip(thread_port) == b"hello\n"
         assert echo_roundtrip(fork_port) == b"hello\n"
     threads = {t.id for t in psutil.Process(daemon.pid).threads()} - {daemon.pid}
-    # The log's writer thread, there when stderr is a pipe, a socket or a terminal.
+    # The log's writer thread, there once a pipe, socket or terminal on stderr refused a line.
     log_threads = {tid for tid in threads if thread_name(daemon.pid, tid) == "selectd-log"}
     pool_threads = threads - log_threads
     assert pool_threads, "the thread pool started no thread"

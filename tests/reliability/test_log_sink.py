@@ -192,10 +192,13 @@ def stalled_sink_daemon(
     # socket): the O_NONBLOCK flag must not be on the description it shares with others.
     flags = int(Path(f"/proc/{proc.pid}/fdinfo/2").read_text().split()[3], 8)
     assert not flags & os.O_NONBLOCK, "the daemon made its shared stderr non-blocking"
-    names = [p.read_text().strip() for p in Path(f"/proc/{proc.pid}/task").glob("*/comm")]
-    assert names.count("selectd-log") == 1, names  # what waits for the sink, as top -H shows it
     # Whatever else is in the sink now is left there: from here on nobody reads.
     return proc, ours, ports
+
+
+def thread_names(pid: int) -> list[str]:
+    """The names of the threads of `pid`, as top -H shows them."""
+    return [p.read_text().strip() for p in Path(f"/proc/{pid}/task").glob("*/comm")]
 
 
 def fail_requests(ports: dict[str, int], count: int) -> None:
@@ -216,6 +219,8 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path, 
         ping = control_request(f"{tmp_path}/control.sock", "ping", timeout=5)
         assert ping["result"] == "pong"
         assert time.monotonic() - started < 2.0, "the loop waited on its log"
+        # What waits for the sink now: one thread, started by the first line it refused.
+        assert thread_names(proc.pid).count("selectd-log") == 1
 
         # The reader comes back: what waited is written, then how much was dropped.
         received = bytearray()
@@ -246,6 +251,61 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_sink_that_keeps_up_costs_no_thread(tmp_path: Path, kind: str) -> None:
+    # Read as fast as the daemon writes, a pipe or socket of the default size takes every line
+    # at once: the writer thread is for a sink that stalls, and never starts here, so the
+    # daemon forks its workers from a process with no thread but the loop.
+    (tmp_path / "failing.py").write_text(FAILING)
+    fork, fail = free_port(), free_port()
+    servers = {
+        "fork": {
+            "listen": f"127.0.0.1:{fork}",
+            "handler": "echo",
+            "concurrency": "fork",
+            "workers": 2,
+        },
+        "fail": {"listen": f"127.0.0.1:{fail}", "handler": "failing:Fail", "concurrency": "inline"},
+    }
+    config = tmp_path / "selectd.toml"
+    config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
+    if kind == "pipe":
+        ours, theirs = os.pipe()
+    else:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = a.detach(), b.detach()
+    proc = start_writing_to(theirs, config, tmp_path)
+    received = bytearray()
+
+    def read_to_end() -> None:
+        while chunk := read_some(ours):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_to_end)
+    reader.start()
+    try:
+        wait_for(lambda: b'"daemon_ready"' in received)
+        for _ in range(20):
+            assert echo_roundtrip(fork) == b"hello\n"
+            assert echo_roundtrip(fail) == b""  # request_failed, with its traceback
+        (worker, _) = psutil.Process(proc.pid).children()
+        worker.kill()  # worker_exited and worker_spawned, and a fork after them
+        wait_for(lambda: received.count(b'"worker_spawned"') == 3)
+        wait_for(lambda: received.count(b'"request_failed"') == 20)
+        names = thread_names(proc.pid)
+        assert len(names) == 1, names  # the loop alone: no pool here, and no writer thread
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        reader.join(30)
+        assert b'"shutdown_complete"' in received
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(30)
+        os.close(ours)
 
 
 @pytest.mark.parametrize("kind", SINKS)
