@@ -157,6 +157,19 @@ def read_some(fd: int) -> bytes:
         raise
 
 
+def read_in_background(fd: int) -> tuple[bytearray, threading.Thread]:
+    """Read `fd` to its end in a thread: (what it has read so far, the thread)."""
+    received = bytearray()
+
+    def read_to_end() -> None:
+        while chunk := read_some(fd):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_to_end)
+    reader.start()
+    return received, reader
+
+
 def stalled_sink_daemon(
     tmp_path: Path, kind: str
 ) -> tuple[subprocess.Popen[bytes], int, dict[str, int]]:
@@ -223,14 +236,7 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path, 
         assert thread_names(proc.pid).count("selectd-log") == 1
 
         # The reader comes back: what waited is written, then how much was dropped.
-        received = bytearray()
-
-        def read_to_end() -> None:
-            while chunk := read_some(ours):
-                received.extend(chunk)
-
-        reader = threading.Thread(target=read_to_end)
-        reader.start()
+        received, reader = read_in_background(ours)
         wait_for(lambda: b'"log_lines_dropped"' in received)
         proc.send_signal(signal.SIGTERM)
         reader.join(30)  # to the end: the daemon (and all it forked) has exited
@@ -277,14 +283,7 @@ def test_a_sink_that_keeps_up_costs_no_thread(tmp_path: Path, kind: str) -> None
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours, theirs = a.detach(), b.detach()
     proc = start_writing_to(theirs, config, tmp_path)
-    received = bytearray()
-
-    def read_to_end() -> None:
-        while chunk := read_some(ours):
-            received.extend(chunk)
-
-    reader = threading.Thread(target=read_to_end)
-    reader.start()
+    received, reader = read_in_background(ours)
     try:
         wait_for(lambda: b'"daemon_ready"' in received)
         for _ in range(20):
