@@ -187,7 +187,7 @@ class _Background:
             if self._sock is not None:
                 return self._sock.send(data, socket.MSG_DONTWAIT)
             return os.write(self._out, data)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return 0
 
     def _run(self) -> None:
