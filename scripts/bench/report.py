@@ -55,7 +55,7 @@ def summarize(records: Iterable[Record]) -> list[Record]:
     """Group runs by (target, mode, clients), in first-seen order, and reduce each group."""
     groups: dict[tuple[object, object, object], list[Record]] = {}
     for r in records:
-        groups.setdefault((r["target"], r["mode"], r["clients"]), []).append(r)
+        groups.setdefault(_key(r), []).append(r)
     rows = []
     for (target, mode, clients), runs in groups.items():
         row: Record = {
@@ -102,11 +102,10 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
     ops: dict[tuple[object, object, object], dict[object, float]] = {}
     cost: dict[tuple[object, object, object], dict[object, float]] = {}
     for r in records:
-        key = (r["target"], r["mode"], r["clients"])
-        ops.setdefault(key, {})[r["repeat"]] = float(r["ops_per_sec"])
+        ops.setdefault(_key(r), {})[r["repeat"]] = float(r["ops_per_sec"])
         if r["ops_per_sec"]:
             machine = r["server_cpu_pct"] + r["loadgen_cpu_pct"] + r["other_cpu_pct"]
-            cost.setdefault(key, {})[r["repeat"]] = machine / r["ops_per_sec"]
+            cost.setdefault(_key(r), {})[r["repeat"]] = machine / r["ops_per_sec"]
     by_kind: dict[object, list[Record]] = {}
     for row in summary:
         by_kind.setdefault(row["kind"], []).append(row)
@@ -121,12 +120,8 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
     for s, p in pairs:
         if (s["mode"], s["clients"]) != (p["mode"], p["clients"]):
             continue
-        mine, theirs = (ops[(r["target"], r["mode"], r["clients"])] for r in (s, p))
-        paired = _paired(mine, theirs)
-        costs = _paired(
-            cost.get((s["target"], s["mode"], s["clients"]), {}),
-            cost.get((p["target"], p["mode"], p["clients"]), {}),
-        )
+        paired = _paired(ops[_key(s)], ops[_key(p)])
+        costs = _paired(cost.get(_key(s), {}), cost.get(_key(p), {}))
         peer_median = _median(p, "ops_per_sec")
         out.append(
             {
@@ -146,6 +141,11 @@ def ratios(records: Sequence[Record], summary: Sequence[Record]) -> list[Record]
             }
         )
     return out
+
+
+def _key(r: Record) -> tuple[object, object, object]:
+    """What a run or a summary row is the figure of: (target, mode, clients)."""
+    return (r["target"], r["mode"], r["clients"])
 
 
 def _paired(mine: dict[object, float], theirs: dict[object, float]) -> list[float]:
