@@ -61,8 +61,7 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
         },
         "fail": {"listen": f"127.0.0.1:{fail}", "handler": "failing:Fail"},
     }
-    config = tmp_path / "selectd.toml"
-    config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
+    config = write_config(tmp_path, servers)
     read_end, write_end = os.pipe()
     proc = start_writing_to(write_end, config, tmp_path)
     try:
@@ -93,6 +92,13 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def write_config(tmp_path: Path, servers: dict[str, dict[str, object]]) -> Path:
+    """The daemon's config in tmp_path: the test daemon section and these servers."""
+    config = tmp_path / "selectd.toml"
+    config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
+    return config
 
 
 def start_writing_to(fd: int, config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
@@ -131,15 +137,18 @@ class Fail(socketserver.StreamRequestHandler):
 SINKS = ("pipe", "socket", "terminal")
 
 
-def sink(kind: str) -> tuple[int, int]:
-    """(our end, the daemon's end) of a small log sink of `kind`: full after a line or two."""
+def sink(kind: str, small: bool = True) -> tuple[int, int]:
+    """(our end, the daemon's end) of a log sink of `kind`: a small one is full after a line or
+    two; otherwise a pipe or socket keeps the kernel's default size."""
     if kind == "pipe":
         ours, theirs = os.pipe()
-        fcntl.fcntl(theirs, fcntl.F_SETPIPE_SZ, 4096)
+        if small:
+            fcntl.fcntl(theirs, fcntl.F_SETPIPE_SZ, 4096)
     elif kind == "socket":  # as the journal's stream socket
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        if small:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         ours, theirs = a.detach(), b.detach()
     else:
         ours, theirs = os.openpty()
@@ -191,8 +200,7 @@ def stalled_sink_daemon(
         },
         "thread": {"listen": f"127.0.0.1:{ports['thread']}", "handler": "loud:Fail"},
     }
-    config = tmp_path / "selectd.toml"
-    config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
+    config = write_config(tmp_path, servers)
     ours, theirs = sink(kind)
     proc = start_writing_to(theirs, config, tmp_path)
     seen = b""
@@ -275,13 +283,8 @@ def test_a_sink_that_keeps_up_costs_no_thread(tmp_path: Path, kind: str) -> None
         },
         "fail": {"listen": f"127.0.0.1:{fail}", "handler": "failing:Fail", "concurrency": "inline"},
     }
-    config = tmp_path / "selectd.toml"
-    config.write_text(daemon_section(tmp_path) + tomli_w.dumps({"servers": servers}))
-    if kind == "pipe":
-        ours, theirs = os.pipe()
-    else:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours, theirs = a.detach(), b.detach()
+    config = write_config(tmp_path, servers)
+    ours, theirs = sink(kind, small=False)
     proc = start_writing_to(theirs, config, tmp_path)
     received, reader = read_in_background(ours)
     try:
