@@ -154,18 +154,44 @@ class Acl:
         return not self.allow or any(ip in net for net in self.allow)
 
 
-def attach_drop_all_filter(sock: socket.socket) -> None:
-    """Make a TCP listener drop every new SYN, so nothing new completes its handshake.
+# Classic BPF, as a TCP listener's socket filter sees a segment: from its TCP header on.
+BPF_LDB_ABS = 0x30  # A = the byte at offset k
+BPF_AND_K = 0x54  # A &= k
+BPF_JEQ_K = 0x15  # A == k ? skip jt : skip jf
+BPF_RET_K = 0x06  # keep k bytes of the packet: 0 drops it
+TCP_FLAGS_OFFSET = 13
+TCP_SYN, TCP_ACK = 0x02, 0x10
+BpfProgram = tuple[tuple[int, int, int, int], ...]  # (code, jt, jf, k) per instruction
+
+DROP_NEW_SYNS: BpfProgram = (
+    (BPF_LDB_ABS, 0, 0, TCP_FLAGS_OFFSET),
+    (BPF_AND_K, 0, 0, TCP_SYN | TCP_ACK),
+    (BPF_JEQ_K, 0, 1, TCP_SYN),
+    (BPF_RET_K, 0, 0, 0),
+    (BPF_RET_K, 0, 0, 0xFFFFFFFF),
+)
+
+
+def attach_socket_filter(sock: socket.socket, program: BpfProgram) -> None:
+    """Attach a classic BPF `program` to `sock` (SO_ATTACH_FILTER), replacing any filter."""
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+    prog = struct.pack("HL", len(program), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+
+
+def attach_drop_syn_filter(sock: socket.socket) -> None:
+    """Make a TCP listener drop every new SYN, so no new client starts a handshake.
 
     Used before the last drain of the accept queue on stop: connections already queued are
     served, and a client arriving after that sees its SYN unanswered, then refused once the
     listener closes, instead of being accepted by the kernel and reset by the close.
+
+    Only SYNs: a client whose SYN was answered before the filter went on sends the ACK that
+    completes its handshake through it, and the drain takes that connection. A filter that
+    dropped everything would drop that ACK too: the client, connected on its side, would send
+    its request and be reset when the listener closed.
     """
-    # One classic BPF instruction: BPF_RET | BPF_K with k = 0 (accept 0 bytes: drop).
-    insn = struct.pack("HBBI", 0x06, 0, 0, 0)
-    buf = ctypes.create_string_buffer(insn)
-    prog = struct.pack("HL", 1, ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+    attach_socket_filter(sock, DROP_NEW_SYNS)
 
 
 class ManagedMixIn:

@@ -10,9 +10,9 @@ Lifecycle of a server (daemon.listeners.State): RUNNING <-> PAUSED, RUNNING -> D
 STOPPED, or FAILED when its fork pool cannot keep workers alive. Lifecycle of the daemon (Phase):
 STARTING -> RUNNING -> STOPPING -> STOPPED.
 
-Graceful stop: stop taking connections (a drop-all filter on TCP listeners, then drain the kernel's
-accept queue, then close, so nothing the kernel accepted is reset), let in-flight and queued
-requests finish within shutdown_timeout, then force what is left.
+Graceful stop: stop taking connections (a filter that drops new SYNs on TCP listeners, then
+drain the kernel's accept queue, then close, so nothing the kernel accepted is reset), let
+in-flight and queued requests finish within shutdown_timeout, then force what is left.
 """
 
 from __future__ import annotations

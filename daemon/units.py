@@ -5,8 +5,8 @@ servers; the Supervisor (supervisor.py) owns the loop, signals and shutdown, and
 
 Lifecycle of a server (daemon.listeners.State): RUNNING <-> PAUSED, RUNNING -> DRAINING ->
 STOPPED, or FAILED when its fork pool cannot keep workers alive. Stopping takes the connections
-the kernel already accepted (a drop-all filter on TCP listeners, then the accept queue drained),
-then closes the listener; the pool finishes what it has before it retires.
+the kernel already accepted (a filter that drops new SYNs on TCP listeners, then the accept
+queue drained), then closes the listener; the pool finishes what it has before it retires.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .listeners import (
     ManagedMixIn,
     Phase,
     State,
-    attach_drop_all_filter,
+    attach_drop_syn_filter,
     build_server,
 )
 from .log import format_address, get_logger
@@ -257,7 +257,7 @@ class ServingMixIn:
         elif sock.fileno() >= 0:
             if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
                 try:
-                    attach_drop_all_filter(sock)
+                    attach_drop_syn_filter(sock)
                 except OSError as exc:  # pragma: no cover - no BPF: a narrower race remains
                     log.warning("drop_filter_failed", server=unit.name, error=str(exc))
             taken = 0
