@@ -50,13 +50,21 @@ def test_one_round_reads_as_one_figure() -> None:
     )
 
 
-def run(target: str, kind: str, repeat: int, ops: float, twin_of: str | None = None) -> dict:
-    """One throughput record (throughput.to_record) with what ratios() reads."""
+def run(
+    target: str,
+    kind: str,
+    repeat: int,
+    ops: float,
+    twin_of: str | None = None,
+    mode: str = "rtt",
+    starved: int = 0,
+) -> dict:
+    """One throughput record (throughput.to_record) with what ratios() and summarize() read."""
     return {
         "target": target,
         "kind": kind,
         "twin_of": twin_of,
-        "mode": "rtt",
+        "mode": mode,
         "clients": 32,
         "repeat": repeat,
         "ops_per_sec": ops,
@@ -66,9 +74,9 @@ def run(target: str, kind: str, repeat: int, ops: float, twin_of: str | None = N
         "loadgen_cpu_pct": 70.0,
         "other_cpu_pct": 0.0,
         "errors_total": 0,
-        "per_conn_min": 100,
+        "per_conn_min": 0 if starved else 100,
         "per_conn_max": 200,
-        "starved": 0,
+        "starved": starved,
         "loadgen_threads": 1,
     }
 

@@ -1,9 +1,9 @@
 """Smoke test of the benchmark: `scripts/bench.py --quick` runs, reports, and cleans up.
 
 It exercises the load generator's build, both load modes, selectd (thread and fork pools) and
-two stdlib peers side by side (one of them twice, --twins), the paired ratios and the results
-files. Every process the benchmark starts inherits a marker in its environment, so the test can
-tell whether any of them outlived the run.
+two stdlib peers side by side (one of them twice, --twins), the paired ratios, the verdict on
+each target and the results files. Every process the benchmark starts inherits a marker in its
+environment, so the test can tell whether any of them outlived the run.
 """
 
 from __future__ import annotations
@@ -94,3 +94,21 @@ def test_quick_run_reports_and_leaves_nothing_running(tmp_path: Path) -> None:
         figures["n"]["rtt_p50_us"] / figures["1"]["rtt_p50_us"], 2
     )
     assert "dispatch with 10 listeners against 1: rtt p50" in proc.stdout
+    # Every target is judged on what the run measured (at its 4 clients), and said to be
+    # unmeasured where the run left its peer out.
+    targets = data["targets"]
+    assert targets["clients"] == 4
+    verdicts = {r["target"]: r["verdict"] for r in targets["rows"]}
+    for measured in (
+        "thread pool conn/s vs ThreadingTCPServer",
+        "thread pool conn/s vs asyncio",
+        "thread pool rtt/s vs ThreadingTCPServer",
+        "idle with 10 listeners: ready",
+        "dispatch: rtt p50 with 10 listeners against 1",
+    ):
+        assert verdicts[measured] in ("holds", "misses"), (measured, verdicts)
+    assert verdicts["thread pool: every persistent client served"] == "holds"
+    assert verdicts["fork pool: every persistent client served"] == "holds"
+    assert verdicts["fork pool rtt/s vs ForkingTCPServer"] == "not measured"
+    assert "targets, judged at 4 clients, on a --quick run's figures" in proc.stdout
+    assert "\n## Targets\n" in (results / "results.md").read_text()

@@ -50,10 +50,13 @@ from .scale import ScalePlan, run_dispatch, run_scale
 from .selectd import FORK_WORKERS, THREAD_WORKERS, SelectdTarget
 from .targets import REPO_DIR, PeerTarget, ProcessTarget
 from .throughput import OTHER_BUSY_PCT, LoadPlan, run_throughput
+from .verdicts import judge, verdict_summary, verdict_table
 from .xinetd import XinetdTarget
 
 HOST = "127.0.0.1"
 SWEEP_CLIENTS = (1, 8, 32, 128)
+TARGET_CLIENTS = 32  # the speed targets (bench/verdicts.py) are set at this many clients
+QUICK_CAVEAT = ", on a --quick run's figures: too short and too few to hold anything to"
 SCALE_SIZES = (10, 100, 1000)
 QUICK_TARGETS = ("ThreadingTCPServer", "asyncio", "selectd-thread", "selectd-fork")
 # The peers --twins runs twice: those of the rtt/s targets, which sit at 1x.
@@ -198,6 +201,11 @@ def throughput_targets(
     return targets
 
 
+def judged_clients(clients: Sequence[int]) -> int:
+    """The client count the targets are judged at: 32, where they are set, when the run has it."""
+    return TARGET_CLIENTS if TARGET_CLIENTS in clients else clients[0]
+
+
 def raise_nofile_limit() -> int:
     """Soft RLIMIT_NOFILE up to the hard limit, for us and every child (N=1000 listeners)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -294,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summary = summarize(records)
     ratio_rows = ratios(records, summary)
+    judged = judged_clients(plan.clients)
+    verdicts = judge(ratio_rows, summary, scale_records, dispatch, judged)
     for warning in warning_lines(summary):
         note(warning)
     meta = {
@@ -330,6 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(scale_table(scale_records))
     if dispatch:
         print(dispatch_line(dispatch))
+    judged_how = f"judged at {judged} clients" + (QUICK_CAVEAT if args.quick else "")
+    print(f"\ntargets, {judged_how}:")
+    print(verdict_table(verdicts))
+    print(verdict_summary(verdicts))
     payload = {
         "meta": meta,
         "runs": records,
@@ -337,12 +351,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": ratio_rows,
         "scale": scale_records,
         "dispatch": dispatch,
+        "targets": {"clients": judged, "rows": verdicts},
         "notes": notes,
     }
     json_path, md_path = write_results(
         settings.results,
         payload,
-        markdown_report(meta, summary, ratio_rows, scale_records, notes, dispatch),
+        markdown_report(
+            meta,
+            summary,
+            ratio_rows,
+            scale_records,
+            notes,
+            dispatch,
+            targets=[
+                f"Each on its median, {judged_how} (bench/verdicts.py).",
+                "",
+                verdict_table(verdicts, markdown=True),
+                "",
+                verdict_summary(verdicts) + ".",
+            ],
+        ),
     )
     print(f"\nresults: {json_path} {md_path}")
     return 0

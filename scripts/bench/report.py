@@ -165,7 +165,7 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
     }
     lines = []
     for r in rows:
-        ratio = "n/a" if r["ratio"] is None else _fmt_ratio(r["ratio"])
+        ratio = "n/a" if r["ratio"] is None else fmt_ratio(r["ratio"])
         unit = _UNITS.get(str(r["mode"]), str(r["mode"]))
         caveats = [
             _count(r["rounds"], "round"),
@@ -182,7 +182,7 @@ def ratio_lines(rows: Sequence[Record]) -> list[str]:
         else:
             what = f"{r['selectd']} {unit} vs {r['peer']}"
             if floor := floors.get((r["peer"], r["mode"], r["clients"])):
-                caveats.append(f"noise floor {_fmt_ratio(floor)}")
+                caveats.append(f"noise floor {fmt_ratio(floor)}")
         lines.append(f"{what}: {ratio} ({', '.join(caveats)})")
     return lines
 
@@ -213,9 +213,9 @@ def dispatch_ratios(record: Record) -> Record:
 def dispatch_line(row: Record) -> str:
     """ "dispatch with 1000 listeners against 1: rtt p50 1.01x [...], rtt/s 0.99x [...] (...)"."""
     return (
-        f"dispatch with {row['n']} listeners against 1: rtt p50 {_fmt_ratio(row['p50_ratio'])} "
+        f"dispatch with {row['n']} listeners against 1: rtt p50 {fmt_ratio(row['p50_ratio'])} "
         f"({_fmt_spread(row['p50_us_n'])} us against {_fmt_spread(row['p50_us_1'])} us), "
-        f"rtt/s {_fmt_ratio(row['rtt_ratio'])} ({_count(row['rounds'], 'round')}, 1 client)"
+        f"rtt/s {fmt_ratio(row['rtt_ratio'])} ({_count(row['rounds'], 'round')}, 1 client)"
     )
 
 
@@ -224,7 +224,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _fmt_ratio(spread: Record) -> str:
+def fmt_ratio(spread: Record) -> str:
+    """ "1.02x [0.97-1.10]", or "1.02x" when the range is one value."""
     if spread["min"] == spread["max"]:
         return f"{spread['median']:.2f}x"
     return f"{spread['median']:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
@@ -366,8 +367,10 @@ def markdown_report(
     scale: Sequence[Record],
     notes: Sequence[str],
     dispatch: Record | None = None,
+    targets: Sequence[str] = (),
 ) -> str:
-    """The whole report as markdown: setup, throughput, ratios, scale, dispatch, notes."""
+    """The whole report as markdown: setup, throughput, ratios, scale, dispatch, the targets
+    (lines of markdown, from bench/verdicts.py), notes."""
     parts = [
         f"# selectd benchmark {meta['started']}",
         "",
@@ -409,6 +412,8 @@ def markdown_report(
             "rounds of the second's figure divided by the first's [min-max].",
             "",
         ]
+    if targets:
+        parts += ["## Targets", "", *targets, ""]
     if notes:
         parts += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(parts)
