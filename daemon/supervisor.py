@@ -100,6 +100,7 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         self._stop_timer: Timer | None = None
         self._completed_at_stop = 0
         self._forced = 0
+        self._handshake_timer: Timer | None = None
         self._hard_deadline: Timer | None = None
         self.exit_status = ExitStatus.OK
         # Fixed for the daemon's life: a reload that changes it says a restart is needed.
@@ -262,9 +263,10 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
 
     def close(self) -> None:
         """Release everything the loop holds; idempotent."""
+        self._end_lingering()
         for unit in self.units.values():
             if unit.server is not None:
-                self._close_listener(unit)
+                self._close_listener(unit, linger=False)
             for dispatcher in [unit.dispatcher, *unit.retiring]:
                 if dispatcher is not None:
                     dispatcher.force()
@@ -325,7 +327,7 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         if unit is None or unit.server is not server:
             return
         log.error("server_failed", server=unit.name, reason=reason)
-        self._close_listener(unit)
+        self._close_listener(unit, linger=False)
         unit.state = State.FAILED
 
     def fork_child(self, keep: set[int], child_main: Callable[[], None]) -> int:
@@ -416,6 +418,7 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
     def force_shutdown(self) -> None:
         if self.phase is not Phase.STOPPING or self._hard_deadline is not None:
             return
+        self._end_lingering()
         forced = 0
         for unit in self.units.values():
             for dispatcher in unit.retiring:

@@ -6,17 +6,19 @@ servers; the Supervisor (supervisor.py) owns the loop, signals and shutdown, and
 Lifecycle of a server (daemon.listeners.State): RUNNING <-> PAUSED, RUNNING -> DRAINING ->
 STOPPED, or FAILED when its fork pool cannot keep workers alive. Stopping takes the connections
 the kernel already accepted (a filter that drops new SYNs on TCP listeners, then the accept
-queue drained), then closes the listener; the pool finishes what it has before it retires.
+queue drained), waits for the handshakes a TCP listener had half done (HANDSHAKE_GRACE at most),
+then closes the listener; the pool finishes what it has before it retires.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
+from . import handshakes, upgrade
 from . import log as logmod
-from . import upgrade
 from .config import Config, ServerConfig
 from .errors import DaemonError
 from .execpool import ExecDispatcher
@@ -44,6 +46,11 @@ BATCH = {"inline": 4, "thread": 32, "fork": 32, "exec": 8}
 # Ceiling on connections taken from a listener's accept queue when it stops.
 BACKLOG_DRAIN_MAX = 65536
 
+# How long a stopped TCP listener stays open, new SYNs dropped, for the clients whose handshake
+# it had half done (SYN answered, ACK not in yet): their ACK is a round trip away, or behind
+# the first SYN-ACK retransmission (after 1 s) if it was lost.
+HANDSHAKE_GRACE = 1.5
+
 
 class ServerUnit:
     """One configured server: its config, its listener and dispatcher while it has them."""
@@ -62,11 +69,14 @@ class ServerUnit:
         self.address = str(config.listen)
         self.backoff_timer: Timer | None = None
         self.cps_timer: Timer | None = None
+        # Stopped TCP listeners kept open until their half-done handshakes complete: the
+        # server object, and when to close it at the latest (monotonic).
+        self.closing: dict[Any, float] = {}
         # Counters outlive the listener: a stop and start, or a reload, keeps the figures.
         self.counters = Counters()
 
     def busy(self) -> bool:
-        return self.state is State.DRAINING or bool(self.retiring)
+        return self.state is State.DRAINING or bool(self.retiring) or bool(self.closing)
 
     @property
     def wait_mode(self) -> bool:
@@ -86,6 +96,7 @@ class ServingMixIn:
     inherited: dict[str, socket.socket]
     phase: Phase
     _handing_off: bool
+    _handshake_timer: Timer | None
     _wakeup: Any
     thread_cpu: int | None
     watch: Callable[..., None]
@@ -245,8 +256,9 @@ class ServingMixIn:
         if unit.server is server and unit.state is State.RUNNING:
             self._listen(unit)
 
-    def _close_listener(self, unit: ServerUnit) -> None:
-        """Take the last connections the kernel accepted for `unit`, then close the listener."""
+    def _close_listener(self, unit: ServerUnit, linger: bool = True) -> None:
+        """Take the last connections the kernel accepted for `unit`, then close the listener;
+        with `linger`, a TCP listener first waits for the handshakes it had half done."""
         server = unit.server
         self._unlisten(unit)
         sock = server.socket
@@ -255,16 +267,83 @@ class ServingMixIn:
             # filter, the accept queue and the socket file alone.
             server.disown_path()
         elif sock.fileno() >= 0:
-            if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+            tcp = sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX
+            if tcp:
                 try:
                     attach_drop_syn_filter(sock)
                 except OSError as exc:  # pragma: no cover - no BPF: a narrower race remains
                     log.warning("drop_filter_failed", server=unit.name, error=str(exc))
-            taken = 0
-            while not unit.wait_mode and taken < BACKLOG_DRAIN_MAX and server.handle_ready():
-                taken += 1
+            self._drain(unit, server)
+            if tcp and linger and unit.config.concurrency != "exec":
+                unit.server = None
+                self._linger(unit, server)
+                return
         server.server_close()
         unit.server = None
+
+    @staticmethod
+    def _drain(unit: ServerUnit, server: Any) -> None:
+        """Serve what waits in the listener's accept queue."""
+        taken = 0
+        while not unit.wait_mode and taken < BACKLOG_DRAIN_MAX and server.handle_ready():
+            taken += 1
+
+    # A stopped TCP listener lingers (new SYNs dropped) while it has handshakes half done: each
+    # that completes is accepted and served as it comes in, and once none is left, or after
+    # HANDSHAKE_GRACE, the listener closes. One sock_diag query answers for every lingering
+    # listener; it runs once the loop has done what it was doing (a shutdown stops every server
+    # first), again whenever one of them accepts, and at the earliest deadline.
+
+    def _linger(self, unit: ServerUnit, server: Any) -> None:
+        unit.closing[server] = time.monotonic() + HANDSHAKE_GRACE
+        self.watch(server.fileno(), lambda: self._on_lingering(unit, server))
+        self._check_handshakes_soon()
+
+    def _on_lingering(self, unit: ServerUnit, server: Any) -> None:
+        if server in unit.closing:
+            self._drain(unit, server)
+            self._check_handshakes_soon()
+
+    def _check_handshakes_soon(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self._handshake_timer = self.call_later(0, self._check_handshakes)
+
+    def _check_handshakes(self) -> None:
+        self._handshake_timer = None
+        lingering = [(u, server) for u in self.units.values() for server in u.closing]
+        if not lingering:
+            return
+        try:
+            pending = handshakes.half_done([server.socket for _, server in lingering])
+        except OSError as exc:
+            # Without the kernel's word there is nothing to wait for: close as before.
+            log.warning("handshake_check_failed", error=str(exc))
+            pending = [0] * len(lingering)
+        now = time.monotonic()
+        next_deadline = None
+        for (unit, server), count in zip(lingering, pending, strict=True):
+            deadline = unit.closing[server]
+            if count and now < deadline:
+                next_deadline = min(deadline, next_deadline or deadline)
+                continue
+            if count:
+                log.warning("handshakes_abandoned", server=unit.name, count=count)
+            self._end_linger(unit, server)
+        if next_deadline is not None:
+            self._handshake_timer = self.call_later(next_deadline - now, self._check_handshakes)
+
+    def _end_linger(self, unit: ServerUnit, server: Any) -> None:
+        del unit.closing[server]
+        self.unwatch(server.fileno())
+        self._drain(unit, server)
+        server.server_close()
+
+    def _end_lingering(self) -> None:
+        """Close every lingering listener now (a forced shutdown, the daemon's exit)."""
+        for unit in self.units.values():
+            for server in list(unit.closing):
+                self._end_linger(unit, server)
 
     def _retire(self, unit: ServerUnit) -> None:
         """Close the unit's listener and let its pool finish what it has."""
@@ -283,11 +362,12 @@ class ServingMixIn:
         closed is stopped (and forgotten, if a reload removed it)."""
         for unit in list(self.units.values()):
             for dispatcher in list(unit.retiring):
-                if dispatcher.idle():
+                # A lingering listener may still hand its pool a connection.
+                if dispatcher.idle() and not unit.closing:
                     dispatcher.close()
                 if dispatcher.closed():
                     unit.retiring.remove(dispatcher)
-            if unit.state is State.DRAINING and not unit.retiring:
+            if unit.state is State.DRAINING and not unit.retiring and not unit.closing:
                 unit.state = State.STOPPED
                 c = unit.counters
                 log.info(
@@ -372,6 +452,7 @@ class ServingMixIn:
             # Removed and added back while it drains: the new unit inherits what is still
             # finishing (so it is closed and reaped) and the figures.
             unit.retiring = predecessor.retiring
+            unit.closing = predecessor.closing
             if predecessor.dispatcher is not None:
                 unit.retiring.append(predecessor.dispatcher)
             unit.counters = predecessor.counters

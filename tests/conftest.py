@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 class Daemon:
-    """A selectd process started from a TOML text, with its JSON log lines at hand."""
+    """A selectd process started from a TOML text, with its JSON log lines at hand.
+
+    With `prelude` (Python source, `os` and `sys` imported), a tiny wrapper runs it and then
+    execs the daemon, so that the daemon's command line (and sys.orig_argv, which an upgrade
+    re-executes) is the usual one. `pass_fds` are kept open for it.
+    """
 
     def __init__(
-        self, tmp_path: Path, config: str, args: tuple[str, ...] = (), path: str = ""
+        self,
+        tmp_path: Path,
+        config: str,
+        args: tuple[str, ...] = (),
+        path: str = "",
+        prelude: str = "",
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.dir = tmp_path
         self.config_path = tmp_path / "selectd.toml"
@@ -68,13 +79,18 @@ class Daemon:
         pythonpath = [p for p in (path, str(REPO), os.environ.get("PYTHONPATH", "")) if p]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
         env.pop("SELECTD_CONFIG", None)
+        argv = ["-m", "daemon", "run", "-c", str(self.config_path), *args]
+        if prelude:
+            execute = "os.execvp(sys.executable, [sys.executable, *sys.argv[1:]])"
+            argv = ["-c", f"import os, sys\n{prelude}\n{execute}", *argv]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "-c", str(self.config_path), *args],
+            [sys.executable, *argv],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=tmp_path,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         self._seen = 0
@@ -168,10 +184,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """
     started: list[Daemon] = []
 
-    def start(config: str, ready: bool = True, args: tuple[str, ...] = ()) -> Daemon:
+    def start(config: str, ready: bool = True, args: tuple[str, ...] = (), **how: Any) -> Daemon:
         sub = tmp_path / f"d{len(started)}"
         sub.mkdir()
-        daemon = Daemon(sub, config, args, path=str(tmp_path))
+        daemon = Daemon(sub, config, args, path=str(tmp_path), **how)
         started.append(daemon)
         if ready:
             daemon.wait_ready()
@@ -188,6 +204,24 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             leaked += daemon.strays()
         daemon.close()
     assert not leaked, f"processes outlived their daemon: {leaked}"
+
+
+def socket_activation(sockets: Sequence[tuple[str, socket.socket]]) -> dict[str, Any]:
+    """start_daemon()/Daemon keywords that hand `sockets` (name, socket) to the daemon as
+    systemd's socket activation does: from descriptor 3 on, with LISTEN_FDS, LISTEN_FDNAMES and
+    LISTEN_PID (the daemon's own pid, which only a wrapper in that process can know)."""
+    fds = [sock.fileno() for _, sock in sockets]
+    names = ":".join(name for name, _ in sockets)
+    prelude = (
+        "import fcntl\n"
+        # Out of the way first, so that no descriptor is overwritten before it is moved.
+        f"high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in {fds!r}]\n"
+        f"for fd in {fds!r}: os.close(fd)\n"
+        "for i, fd in enumerate(high): os.dup2(fd, 3 + i); os.close(fd)\n"
+        f"os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='{len(fds)}', "
+        f"LISTEN_FDNAMES='{names}')"
+    )
+    return {"prelude": prelude, "pass_fds": fds}
 
 
 def control_request(path: str, command: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:

@@ -17,11 +17,8 @@ import resource
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ import psutil
 import pytest
 import tomli_w
 
-from tests.conftest import REPO, Daemon, wait_for
+from tests.conftest import Daemon, wait_for
 
 __all__ = [
     "HANDLERS_MODULE",
@@ -241,41 +238,18 @@ def server_section(name: str, **keys: object) -> str:
 class LimitedDaemon(Daemon):
     """A Daemon (tests.conftest) whose process may start under a lower RLIMIT_NOFILE.
 
-    The limit is set by a tiny Python wrapper that then execs the daemon, so the daemon's
-    command line (and sys.orig_argv, which an upgrade re-executes) is the usual one.
+    The limit is set by Daemon's prelude, in a wrapper that then execs the daemon.
     """
 
     def __init__(
         self, directory: Path, config: str, path: str = "", nofile: int | None = None
     ) -> None:
-        if nofile is None:
-            super().__init__(directory, config, path=path)
-            return
-        self.dir = directory
-        self.config_path = directory / "selectd.toml"
-        self.config_path.write_text(config)
-        self.control_socket = str(tomllib.loads(config).get("daemon", {})["control_socket"])
-        self.log_path = directory / "selectd.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
-        pythonpath = [p for p in (path, str(REPO), os.environ.get("PYTHONPATH", "")) if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
-        env.pop("SELECTD_CONFIG", None)
-        wrapper = (
-            "import os, resource, sys; "
-            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
-            "os.execvp(sys.executable, [sys.executable, *sys.argv[1:]])"
-        )
-        argv = ["-m", "daemon", "run", "-c", str(self.config_path)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", wrapper, *argv],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=directory,
-        )
-        self.pid = self.proc.pid
-        self._seen = 0
+        prelude = ""
+        if nofile is not None:
+            prelude = (
+                f"import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile}))"
+            )
+        super().__init__(directory, config, path=path, prelude=prelude)
 
 
 def _teardown(started: list[Daemon]) -> list[int]:

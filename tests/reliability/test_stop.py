@@ -8,15 +8,34 @@ began are refused (ECONNREFUSED), never accepted and then dropped. The daemon ex
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import daemon_section, free_port, wait_for
+from daemon.listeners import (
+    BPF_JEQ_K,
+    BPF_LDB_ABS,
+    BPF_RET_K,
+    TCP_ACK,
+    TCP_FLAGS_OFFSET,
+    BpfProgram,
+    attach_socket_filter,
+)
+from daemon.units import HANDSHAKE_GRACE
+from tests.conftest import (
+    Daemon,
+    daemon_section,
+    echo_roundtrip,
+    free_port,
+    socket_activation,
+    wait_for,
+)
 from tests.reliability.conftest import server_section, status
 
 IN_POOL = 20  # accepted by the running server: in a handler or in the pool's queue
@@ -127,3 +146,102 @@ def test_stop_serves_everything_accepted_and_refuses_the_rest(
     done = daemon.wait_event("shutdown_complete")
     assert done["forced"] == 0
     assert done["drained"] >= IN_BACKLOG, done
+
+
+# -- handshakes half done when a server stops ------------------------------------------------
+
+# Drops segments whose flags are exactly ACK: the bare ACK that ends a handshake. A client of a
+# listener with this filter is connected on its side, and stays half done on the listener's
+# until its first data segment (ACK|PSH) completes the handshake.
+HOLD_HANDSHAKES: BpfProgram = (
+    (BPF_LDB_ABS, 0, 0, TCP_FLAGS_OFFSET),
+    (BPF_JEQ_K, 0, 1, TCP_ACK),
+    (BPF_RET_K, 0, 0, 0),
+    (BPF_RET_K, 0, 0, 0xFFFFFFFF),
+)
+
+
+def half_done_client(port: int) -> socket.socket:
+    """A client connected on its side, whose handshake the listener has not completed."""
+    client = socket.socket()
+    client.setblocking(False)
+    client.connect_ex(("127.0.0.1", port))
+    assert select.select([], [client], [], 5)[1] == [client]
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    client.settimeout(10)
+    return client
+
+
+@pytest.fixture
+def held_listener() -> Iterator[tuple[socket.socket, int]]:
+    """A listener holding handshakes half done, and its port; the daemon gets it as systemd
+    would pass it (listen = "systemd:web"), and the test closes its own copy once it has."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    attach_socket_filter(listener, HOLD_HANDSHAKES)
+    try:
+        yield listener, listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def stopped(daemon: Daemon) -> bool:
+    return status(daemon, "web")["servers"]["web"]["state"] == "stopped"
+
+
+@pytest.mark.parametrize("how", ["stop", "SIGTERM"])
+@pytest.mark.parametrize("mode", ["thread", "fork"])
+def test_stop_serves_a_client_whose_handshake_was_half_done(
+    start_daemon, tmp_path: Path, held_listener: tuple[socket.socket, int], mode: str, how: str
+) -> None:
+    listener, port = held_listener
+    config = daemon_section(tmp_path) + server_section(
+        "web", listen="systemd:web", handler="echo", concurrency=mode, workers=2
+    )
+    daemon = start_daemon(config, **socket_activation([("web", listener)]))
+    listener.close()
+    assert echo_roundtrip(port, b"whole\n") == b"whole\n"  # the request completes the handshake
+
+    client = half_done_client(port)
+    with client:
+        if how == "stop":
+            assert daemon.control("stop", server="web")["ok"]
+        else:
+            daemon.send(signal.SIGTERM)
+            daemon.wait_event("shutdown_begun")
+        # The stopped listener waits for it: the request it sends now ends its handshake, and
+        # the server's last connection is served in full.
+        client.sendall(b"half done\n")
+        assert client.makefile("rb").readline() == b"half done\n"
+    if how == "stop":
+        wait_for(lambda: stopped(daemon))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert daemon.stop() == 0
+    assert not daemon.find("handshakes_abandoned")
+    assert daemon.wait_event("shutdown_complete")["forced"] == 0
+
+
+def test_a_handshake_never_completed_holds_a_stop_for_the_grace_only(
+    start_daemon, tmp_path: Path, held_listener: tuple[socket.socket, int]
+) -> None:
+    listener, port = held_listener
+    config = daemon_section(tmp_path) + server_section(
+        "web", listen="systemd:web", handler="echo", concurrency="thread", workers=2
+    )
+    daemon = start_daemon(config, **socket_activation([("web", listener)]))
+    listener.close()
+    with half_done_client(port) as client:
+        # Deaf from now on: the listener's SYN-ACK retransmissions get no ACK either.
+        attach_socket_filter(client, ((BPF_RET_K, 0, 0, 0),))
+        asked = time.monotonic()
+        assert daemon.control("stop", server="web")["ok"]
+        assert not stopped(daemon)  # still waiting for that handshake
+        wait_for(lambda: stopped(daemon), timeout=HANDSHAKE_GRACE + 5)
+        waited = time.monotonic() - asked
+    assert HANDSHAKE_GRACE - 0.1 <= waited < HANDSHAKE_GRACE + 2, waited
+    assert daemon.wait_event("handshakes_abandoned", server="web")["count"] == 1
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert daemon.stop() == 0
