@@ -18,7 +18,27 @@ import psutil
 import pytest
 import tomli_w
 
+from daemon.listeners import (
+    BPF_JEQ_K,
+    BPF_LDB_ABS,
+    BPF_RET_K,
+    TCP_ACK,
+    TCP_FLAGS_OFFSET,
+    BpfProgram,
+)
+
 REPO = Path(__file__).resolve().parent.parent
+
+# A socket filter (daemon.listeners.attach_socket_filter) that drops segments whose flags are
+# exactly ACK: the bare ACK that ends a handshake. A client of a listener with it is connected
+# on its side, and stays half done on the listener's until its first data segment (ACK|PSH)
+# completes the handshake.
+HOLD_HANDSHAKES: BpfProgram = (
+    (BPF_LDB_ABS, 0, 0, TCP_FLAGS_OFFSET),
+    (BPF_JEQ_K, 0, 1, TCP_ACK),
+    (BPF_RET_K, 0, 0, 0),
+    (BPF_RET_K, 0, 0, 0xFFFFFFFF),
+)
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:

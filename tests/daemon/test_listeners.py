@@ -1,8 +1,9 @@
-"""daemon.listeners' stop filter on real loopback listeners: what it lets through and what not.
+"""What a stopping TCP listener sees, on real loopback listeners: the filter that drops new
+SYNs (daemon.listeners) and the count of handshakes it has half done (daemon.handshakes).
 
 A stopping server drains its accept queue behind a filter that drops new SYNs. A client whose
 handshake is half done when the filter goes on must still get in: to hold one half done, a
-test filter first drops the client's bare ACK that would complete it.
+test filter first drops the client's bare ACK that would complete it (HOLD_HANDSHAKES).
 """
 
 from __future__ import annotations
@@ -14,25 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.listeners import (
-    BPF_JEQ_K,
-    BPF_LDB_ABS,
-    BPF_RET_K,
-    TCP_ACK,
-    TCP_FLAGS_OFFSET,
-    BpfProgram,
-    attach_drop_syn_filter,
-    attach_socket_filter,
-)
+from daemon.handshakes import half_done
+from daemon.listeners import attach_drop_syn_filter, attach_socket_filter
+from tests.conftest import HOLD_HANDSHAKES, wait_for
 
-# Drops segments whose flags are exactly ACK (the bare ACK that ends a handshake); a segment
-# with data (ACK|PSH) goes through.
-DROP_BARE_ACKS: BpfProgram = (
-    (BPF_LDB_ABS, 0, 0, TCP_FLAGS_OFFSET),
-    (BPF_JEQ_K, 0, 1, TCP_ACK),
-    (BPF_RET_K, 0, 0, 0),
-    (BPF_RET_K, 0, 0, 0xFFFFFFFF),
-)
 TCP_SYN_SENT = 2
 
 FAMILIES = [
@@ -75,7 +61,7 @@ def nothing_to_accept(listener: socket.socket) -> bool:
 
 
 def test_a_handshake_half_done_when_the_filter_goes_on_completes_and_is_served(listener) -> None:
-    attach_socket_filter(listener, DROP_BARE_ACKS)
+    attach_socket_filter(listener, HOLD_HANDSHAKES)
     client = start_connect(listener)
     try:
         # Connected on the client's side (it had the SYN-ACK); the listener dropped the ACK.
@@ -114,3 +100,41 @@ def test_a_new_client_gets_no_answer_then_is_refused_on_close(listener) -> None:
         late.settimeout(5)
         with pytest.raises(ConnectionRefusedError):
             late.connect(address)
+
+
+def test_half_done_counts_each_listeners_own_handshakes(listener) -> None:
+    family, host = listener.family, listener.getsockname()[0]
+    other = socket.socket(family, socket.SOCK_STREAM)
+    other.bind((host, 0))
+    other.listen(8)
+    clients = []
+    try:
+        assert half_done([listener, other]) == [0, 0]
+        for sock in (listener, other):
+            attach_socket_filter(sock, HOLD_HANDSHAKES)
+        clients = [start_connect(listener) for _ in range(3)] + [start_connect(other)]
+        assert select.select([], clients, [], 5)[1] and len(clients) == 4
+        wait_for(lambda: half_done([listener, other]) == [3, 1])
+        # Their requests complete the handshakes: nothing is left half done.
+        for client in clients:
+            select.select([], [client], [], 5)
+            client.send(b"x")
+        wait_for(lambda: half_done([listener, other]) == [0, 0])
+    finally:
+        for client in clients:
+            client.close()
+        other.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_a_wildcard_ipv6_listener_counts_its_ipv4_clients() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::", 0))
+        listener.listen(8)
+        attach_socket_filter(listener, HOLD_HANDSHAKES)
+        with socket.socket() as client:
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", listener.getsockname()[1]))
+            assert select.select([], [client], [], 5)[1] == [client]
+            wait_for(lambda: half_done([listener]) == [1])

@@ -18,17 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.listeners import (
-    BPF_JEQ_K,
-    BPF_LDB_ABS,
-    BPF_RET_K,
-    TCP_ACK,
-    TCP_FLAGS_OFFSET,
-    BpfProgram,
-    attach_socket_filter,
-)
+from daemon.listeners import BPF_RET_K, attach_socket_filter
 from daemon.units import HANDSHAKE_GRACE
 from tests.conftest import (
+    HOLD_HANDSHAKES,
     Daemon,
     daemon_section,
     echo_roundtrip,
@@ -149,16 +142,6 @@ def test_stop_serves_everything_accepted_and_refuses_the_rest(
 
 
 # -- handshakes half done when a server stops ------------------------------------------------
-
-# Drops segments whose flags are exactly ACK: the bare ACK that ends a handshake. A client of a
-# listener with this filter is connected on its side, and stays half done on the listener's
-# until its first data segment (ACK|PSH) completes the handshake.
-HOLD_HANDSHAKES: BpfProgram = (
-    (BPF_LDB_ABS, 0, 0, TCP_FLAGS_OFFSET),
-    (BPF_JEQ_K, 0, 1, TCP_ACK),
-    (BPF_RET_K, 0, 0, 0),
-    (BPF_RET_K, 0, 0, 0xFFFFFFFF),
-)
 
 
 def half_done_client(port: int) -> socket.socket:
