@@ -64,6 +64,13 @@ def half_done(listeners: Sequence[socket.socket]) -> list[int]:
 
 def _syn_recv(family: int) -> list[tuple[int, bytes]]:
     """(local port, local address) of every TCP socket of `family` in SYN_RECV."""
+    try:
+        return _ask(family)
+    except struct.error as exc:  # a reply shorter than its header says: not one we can read
+        raise OSError(f"sock_diag: unreadable reply ({exc})") from exc
+
+
+def _ask(family: int) -> list[tuple[int, bytes]]:
     request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_SYN_RECV)
     header = _NLMSG.pack(
         _NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
