@@ -65,7 +65,12 @@ def spawn_successor(sockets: list[tuple[str, socket.socket]]) -> tuple[int, int]
             LISTEN_PID=str(os.getpid()),
             **{READY_FD_ENV: str(3 + len(fds)), UPGRADE_FROM_ENV: str(os.getppid())},
         )
-        environ.pop("NOTIFY_SOCKET", None)  # the old daemon speaks to systemd for both
+        # The successor speaks to systemd as well: READY once it serves (while we are still
+        # the main process, only its STATUS shows), then, as the main process once we have
+        # said MAINPID, the watchdog pings, RELOADING and STOPPING. systemd named our pid in
+        # WATCHDOG_PID; from the successor's start the pings are its to send too.
+        if "WATCHDOG_PID" in environ:
+            environ["WATCHDOG_PID"] = str(os.getpid())
         os.execve(argv[0], argv, environ)
     finally:
         os._exit(127)

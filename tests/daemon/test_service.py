@@ -111,11 +111,11 @@ class NotifySocket:
         self.sock.close()
 
 
-def start_with_env(tmp_path: Path, config: str, **env: str) -> Daemon:
+def start_with_env(tmp_path: Path, config: str, prelude: str = "", **env: str) -> Daemon:
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        daemon = Daemon(tmp_path, config, path=str(tmp_path))
+        daemon = Daemon(tmp_path, config, path=str(tmp_path), prelude=prelude)
     finally:
         for k, v in old.items():
             if v is None:
@@ -155,12 +155,23 @@ def test_notify_ready_reloading_stopping_and_watchdog(tmp_path: Path) -> None:
         notify.close()
 
 
-def test_upgrade_names_the_new_main_pid(tmp_path: Path) -> None:
+def test_upgrade_names_the_new_main_pid_which_then_speaks_to_systemd(tmp_path: Path) -> None:
     notify = NotifySocket(str(tmp_path / "notify.sock"))
     port = free_port()
     config = daemon_section(tmp_path) + server("echo", listen=f"127.0.0.1:{port}", handler="echo")
-    daemon = start_with_env(tmp_path, config, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    daemon = start_with_env(
+        tmp_path,
+        config,
+        # As systemd starts a service with WatchdogSec: the pings are the main process's.
+        prelude="os.environ['WATCHDOG_PID'] = str(os.getpid())",
+        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+        WATCHDOG_USEC="200000",
+    )
     new_pid = 0
+
+    def pings() -> int:
+        return sum(1 for m in notify.collect() if "WATCHDOG" in m)
+
     try:
         notify.wait("READY", "1")
         daemon.send(signal.SIGUSR2)
@@ -172,8 +183,17 @@ def test_upgrade_names_the_new_main_pid(tmp_path: Path) -> None:
             "the old daemon hands over; it does not tell systemd the service is stopping"
         )
         assert echo_roundtrip(port) == b"hello\n"
+        # The old daemon is gone: the watchdog pings, reloads and the stop are the new one's.
+        before = pings()
+        wait_for(lambda: pings() - before >= 3, timeout=5)
+        os.kill(new_pid, signal.SIGHUP)
+        notify.wait("RELOADING", "1")
+        notify.wait("READY", "1")
+        os.kill(new_pid, signal.SIGTERM)
+        notify.wait("STOPPING", "1")
+        wait_for(lambda: not psutil.pid_exists(new_pid) or _zombie(new_pid), 15)
     finally:
-        if new_pid and psutil.pid_exists(new_pid):
+        if new_pid and psutil.pid_exists(new_pid) and not _zombie(new_pid):
             os.kill(new_pid, signal.SIGTERM)
             wait_for(lambda: not psutil.pid_exists(new_pid) or _zombie(new_pid), 15)
         daemon.close()
