@@ -18,6 +18,7 @@ import psutil
 import pytest
 import tomli_w
 
+from daemon import pidfile
 from tests.conftest import (
     REPO,
     Daemon,
@@ -292,6 +293,47 @@ def test_privilege_drop_binds_low_port_then_serves_as_nobody(
     assert daemon.stop() == 0
     assert not pid_path.exists()
     shutil.rmtree(run_dir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_dropped_daemon_keeps_its_pidfile_in_a_directory_root_owns() -> None:
+    # The shipped unit's RuntimeDirectory belongs to root (the service starts as root to bind).
+    # The daemon writes its pidfile there before the drop and hands the file to the user; the
+    # successor of an upgrade, born as that user, must still take the file over, and empty it
+    # on its way out, though it may not create or remove files there. (In a forked child: the
+    # python of this machine may sit where that user cannot exec it.)
+    nobody = pwd.getpwnam("nobody")
+    run_dir = Path(tempfile.mkdtemp(prefix="selectd-run-", dir="/tmp"))
+    run_dir.chmod(0o755)
+    path = run_dir / "selectd.pid"
+    try:
+        pidfile.write(str(path))
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        results, report = os.pipe()
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                pidfile.write(str(path))
+                taken = path.read_text()
+                problem = pidfile.remove(str(path))
+                left = path.read_text() if path.exists() else None
+                os.write(report, repr((taken, problem, left)).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(report)
+        with os.fdopen(results) as f:
+            outcome = f.read()
+        assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+        # Rewritten in place to name the child; at its exit emptied, as it cannot unlink it.
+        assert outcome == repr((f"{child}\n", None, ""))
+        pidfile.check(str(path))  # an empty pidfile names no one: the next start goes ahead
+    finally:
+        shutil.rmtree(run_dir)
 
 
 def test_unknown_user_refuses_to_start(start_daemon, tmp_path: Path) -> None:
