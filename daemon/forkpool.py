@@ -171,7 +171,6 @@ class ForkPool:
             # The worker's copy of the server must not lead a handler back to the supervisor
             # (self.server.dispatcher.host would be its copy of the control commands).
             server.dispatcher = None  # type: ignore[assignment]
-            server.on_cps_exceeded = lambda: None
             worker_main(server.run_request, server.connection, child_end, limits)
 
         try:

@@ -27,7 +27,6 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import servers
@@ -233,9 +232,11 @@ class ManagedMixIn:
         self.options = config.options
         self.counters = counters if counters is not None else Counters()
         self.acl = Acl(config.allow, config.deny)
-        # The supervisor replaces this with what disabling the listener takes.
-        self.on_cps_exceeded: Callable[[], None] = lambda: None
-        self.limits = RequestLimits(config, lambda: self.on_cps_exceeded())
+        # Set when a connection goes over `cps`: the loop that took it disables the listener.
+        # A flag and not a callback into the supervisor: a handler's self.server must hold no
+        # way back to it (README, "Guarantees").
+        self.cps_tripped = False
+        self.limits = RequestLimits(config, self._trip_cps)
         self._banner = config.banner_fail.encode() if config.banner_fail else b""
         self._deny_log = RateLimiter()
         self._reject_log = RateLimiter()
@@ -317,6 +318,9 @@ class ManagedMixIn:
             and self.address_family != socket.AF_UNIX
             and self.config.concurrency in ("thread", "fork")
         )
+
+    def _trip_cps(self) -> None:
+        self.cps_tripped = True
 
     def connection(self, fd: int) -> socket.socket:
         """The socket object for a connection's descriptor (accepted here or handed over)."""

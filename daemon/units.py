@@ -142,7 +142,6 @@ class ServingMixIn:
         config = unit.config
         server.counters = unit.counters
         unit.server = server
-        server.on_cps_exceeded = lambda: self._disable_for_cps(unit, server)
         unit.address = format_address(server.server_address)
         unit.dispatcher = server.dispatcher = self._dispatcher(config, server)
         if isinstance(unit.dispatcher, ForkPool):
@@ -207,9 +206,13 @@ class ServingMixIn:
             return
         handle_ready = server.handle_ready
         for _ in range(batch):
-            # A limit (cps) may take the listener out of the selector half way through.
             if not unit.registered or not handle_ready():
                 break
+            if server.cps_tripped:
+                # Over `cps`: out of the selector, its backlog refused, for cps[1] seconds.
+                server.cps_tripped = False
+                self._disable_for_cps(unit, server)
+                return
         backoff = server.accept_backoff()
         if backoff:
             # Out of descriptors (or similar): leave the listener out of the selector for a

@@ -177,12 +177,21 @@ def _suspect(value):
 
 
 def _attributes(value):
-    """An object's instance attributes (its __dict__ and __slots__), and a bound method's self."""
+    """An object's instance attributes (its __dict__ and __slots__), a bound method's self, and
+    what a function's closure holds."""
     if isinstance(value, type) or type(value).__name__ == "module":
         return {}
     found = {}
     if hasattr(value, "__self__") and not isinstance(value.__self__, type):
         found["__self__"] = value.__self__
+    for name, cell in zip(
+        getattr(getattr(value, "__code__", None), "co_freevars", ()),
+        getattr(value, "__closure__", None) or (),
+    ):
+        try:
+            found[f"<closure {name}>"] = cell.cell_contents
+        except ValueError:
+            pass  # an empty cell
     found.update(getattr(value, "__dict__", {}) or {})
     for cls in type(value).__mro__:
         for slot in getattr(cls, "__slots__", ()):
