@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from .base import RequestDropped
@@ -28,10 +29,15 @@ class UDPServer(TCPServer):
     socket_type = socket.SOCK_DGRAM
     max_packet_size = 8192
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Callable[..., Any],
+        bind_and_activate: bool = True,
+    ) -> None:
         self.oversized_datagrams = 0
         self._oversize_log = RateLimiter()
-        super().__init__(*args, **kwargs)
+        super().__init__(server_address, RequestHandlerClass, bind_and_activate)
 
     def get_request(self) -> tuple[Any, Any]:
         # recvmsg() rather than recvfrom(): only its flags say whether the kernel cut the datagram.

@@ -222,3 +222,9 @@ class ForkingMixIn:
     def server_close(self) -> None:
         super().server_close()  # type: ignore[misc]
         self.collect_children(blocking=self.block_on_close)
+        # Children left running (block_on_close false) can still be reaped by a later
+        # collect_children(), which waits by pid; their pidfds go with the server.
+        for pidfd in self._pidfds().values():
+            self._unwatch_fd(pidfd)  # type: ignore[attr-defined]
+            os.close(pidfd)
+        self._pidfds().clear()

@@ -4,12 +4,14 @@ capacity back-off and the context manager, on real loopback sockets.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import select
 import selectors
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -432,3 +434,41 @@ def test_context_manager_removes_the_unix_socket_file(sockdir: Path) -> None:
         assert path.is_socket()
     assert server.socket.fileno() == -1
     assert not path.exists()
+
+
+HOOKS = (
+    "__init__",
+    "fileno",
+    "handle_request",
+    "serve_forever",
+    "shutdown",
+    "server_close",
+    "verify_request",
+    "process_request",
+    "finish_request",
+    "handle_error",
+    "handle_timeout",
+    "service_actions",
+    "get_request",
+    "shutdown_request",
+    "close_request",
+    "server_bind",
+    "server_activate",
+)
+
+
+@pytest.mark.parametrize("name", [n for n in socketserver.__all__ if n.endswith("Server")])
+def test_every_server_class_takes_the_stdlibs_arguments(name: str) -> None:
+    # Code written for socketserver calls these by keyword too (bind_and_activate=False).
+    ours, theirs = getattr(servers, name), getattr(socketserver, name)
+    for hook in HOOKS:
+        if hasattr(theirs, hook):
+            expected = [
+                (p.name, p.kind, p.default)
+                for p in inspect.signature(getattr(theirs, hook)).parameters.values()
+            ]
+            got = [
+                (p.name, p.kind, p.default)
+                for p in inspect.signature(getattr(ours, hook)).parameters.values()
+            ]
+            assert got == expected, f"{name}.{hook}"

@@ -177,6 +177,33 @@ def test_server_close_waits_for_running_children(harness: Harness) -> None:
         assert recv_until_eof(client).split()[0].isdigit()
 
 
+def test_server_close_without_blocking_keeps_no_pidfd(harness: Harness) -> None:
+    class NotBlocking(servers.ForkingTCPServer):
+        block_on_close = False
+
+    server = harness.make(NotBlocking, ("127.0.0.1", 0), ReportingHandler)
+    before = set(os.listdir("/proc/self/fd"))
+    with socket.create_connection(server.server_address, timeout=10) as client:
+        client.sendall(b"0.3\n")
+        server.handle_request()  # forks and returns at once
+        (pid,) = server.active_children
+        server.server_close()  # does not wait: the child still runs
+        assert server.active_children == {pid}
+        pidfds = [fd for fd in set(os.listdir("/proc/self/fd")) - before if is_pidfd(fd)]
+        assert pidfds == [], "server_close() leaves no pidfd open"
+        assert recv_until_eof(client).split()[0] == str(pid).encode()
+    wait_for(lambda: children().get(pid) == "Z")
+    server.collect_children()  # reaped later, by pid
+    assert not server.active_children and pid not in children()
+
+
+def is_pidfd(fd: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+    except OSError:
+        return False
+
+
 def test_forked_child_does_not_keep_the_listener_open(harness: Harness) -> None:
     server = harness.make(servers.ForkingTCPServer, ("127.0.0.1", 0), ReportingHandler)
     address = server.server_address
