@@ -70,7 +70,7 @@ def test_udp_flood_does_not_delay_other_servers(start_daemon, tmp_path: Path) ->
         if flood.stdout is not None:
             flood.stdout.close()
     elapsed = time.monotonic() - started
-    worst = p99(times)
+    worst = p99(times[:during])  # the top-up only makes the print's max comparable
     udp = status(daemon, "udp")["servers"]["udp"]
     print(
         f"{sent} datagrams in {elapsed:.2f}s, {udp['requests']} served; "

@@ -81,7 +81,8 @@ def test_a_closed_log_pipe_costs_the_daemon_nothing(tmp_path: Path) -> None:
         worker.kill()  # worker_exited, worker_spawned: logged by the loop
         wait_for(lambda: replacement(proc.pid, worker.pid))
         assert echo_roundtrip(fork) == b"hello\n"
-        proc.send_signal(signal.SIGHUP)  # a reload, logged
+        # A reload, logged (to nowhere); its reply says it was done.
+        assert control_request(f"{tmp_path}/control.sock", "reload")["ok"]
         assert echo_roundtrip(echo) == b"hello\n"
         assert proc.poll() is None, "selectd died with its log sink"
 
@@ -321,7 +322,7 @@ def test_a_graceful_stop_does_not_wait_for_ever_on_a_stalled_log_sink(
         proc.send_signal(signal.SIGTERM)
         # The writer thread stays blocked on the full sink; the daemon gives it DRAIN_TIMEOUT.
         assert proc.wait(30) == 0
-        assert time.monotonic() - started < DRAIN_TIMEOUT + 5
+        assert time.monotonic() - started < DRAIN_TIMEOUT + 2
         wait_for(lambda: not running_with(str(tmp_path / "selectd.toml")), timeout=5)
     finally:
         os.close(ours)
