@@ -233,14 +233,16 @@ def test_allow_and_deny_hold_for_ipv4_ipv6_and_mapped_addresses(
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("listen_host", [MAPPED, "127.0.0.1"])
 def test_deny_written_as_an_ipv4_mapped_network_blocks_mapped_clients(
-    start_daemon, tmp_path: Path
+    start_daemon, tmp_path: Path, listen_host: str
 ) -> None:
+    # The same rule for a client seen as ::ffff:127.0.0.1 (an IPv6 socket) and as 127.0.0.1.
     port = free_port()
     config = daemon_section(tmp_path) + server_section(
-        "mapped", listen=f"{MAPPED}:{port}", handler="echo", deny=["::ffff:127.0.0.0/104"]
+        "mapped", listen=f"{listen_host}:{port}", handler="echo", deny=["::ffff:127.0.0.0/104"]
     )
     daemon = start_daemon(config)
     reply = echo_roundtrip(port, b"knock\n")
     assert daemon.stop() == 0
-    assert reply == b"", "a client at ::ffff:127.0.0.1 got past deny = ['::ffff:127.0.0.0/104']"
+    assert reply == b"", f"a client of {listen_host} got past deny = ['::ffff:127.0.0.0/104']"

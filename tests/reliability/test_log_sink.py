@@ -210,12 +210,16 @@ def stalled_sink_daemon(
         assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
         if select.select([ours], [], [], 0.1)[0]:
             seen += read_some(ours)
-    # The daemon writes without waiting on a second open of the sink (or MSG_DONTWAIT on a
-    # socket): the O_NONBLOCK flag must not be on the description it shares with others.
-    flags = int(Path(f"/proc/{proc.pid}/fdinfo/2").read_text().split()[3], 8)
-    assert not flags & os.O_NONBLOCK, "the daemon made its shared stderr non-blocking"
+    assert_stderr_blocking(proc.pid)
     # Whatever else is in the sink now is left there: from here on nobody reads.
     return proc, ours, ports
+
+
+def assert_stderr_blocking(pid: int) -> None:
+    """The daemon writes without waiting on a second open of the sink (or MSG_DONTWAIT on a
+    socket): the O_NONBLOCK flag must not be on the description it shares with others."""
+    flags = int(Path(f"/proc/{pid}/fdinfo/2").read_text().split()[3], 8)
+    assert not flags & os.O_NONBLOCK, "the daemon made its shared stderr non-blocking"
 
 
 def thread_names(pid: int) -> list[str]:
@@ -243,6 +247,7 @@ def test_a_log_sink_that_stops_reading_costs_lines_not_the_loop(tmp_path: Path, 
         assert time.monotonic() - started < 2.0, "the loop waited on its log"
         # What waits for the sink now: one thread, started by the first line it refused.
         assert thread_names(proc.pid).count("selectd-log") == 1
+        assert_stderr_blocking(proc.pid)  # still, with the sink refusing lines
 
         # The reader comes back: what waited is written, then how much was dropped.
         received, reader = read_in_background(ours)

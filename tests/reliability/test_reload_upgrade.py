@@ -137,6 +137,9 @@ def test_reloads_and_upgrade_lose_no_request(start_daemon, tmp_path: Path) -> No
         assert after["daemon"]["pid"] == new_pid != old_pid
         assert set(steady_servers) <= set(after["servers"])
         assert all(f["state"] == "running" for f in after["servers"].values())
+        # Every socket was handed over: the moving servers answer on theirs too.
+        for port in (moving[0], moving[5]):  # extra0 (the last round's) and changing
+            assert echo_roundtrip(port, b"handed over\n") == b"handed over\n"
     finally:
         if new_pid is not None and psutil.pid_exists(new_pid):
             stop_and_reap(new_pid)
