@@ -37,7 +37,8 @@ def _server_name(request: dict[str, Any], required: bool) -> str | None:
 
 
 def reload_from_file(supervisor: Supervisor) -> dict[str, Any]:
-    """Re-read the config the daemon was started with and apply it; DaemonError if refused."""
+    """Re-read the config the daemon was started with and apply it; DaemonError if refused.
+    Either way it is logged once, `reload_done` or `reload_failed`, whoever asked."""
     supervisor.notifier.reloading()
     try:
         try:
@@ -46,9 +47,12 @@ def reload_from_file(supervisor: Supervisor) -> dict[str, Any]:
             problems = "; ".join(exc.problems)
             raise DaemonError(f"reload refused, nothing changed: {problems}") from exc
         result = apply_reload(supervisor, new)
+    except DaemonError as exc:
+        log.error("reload_failed", error=str(exc))
+        raise
     finally:
         supervisor.notifier.ready(supervisor.status_line())
-    log.info("config_reloaded", **result)
+    log.info("reload_done", **result)
     return result
 
 

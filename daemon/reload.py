@@ -117,5 +117,10 @@ def apply_reload(supervisor: Supervisor, new: Config) -> dict[str, Any]:
         supervisor.add_unit(new.servers[name], fresh.get(name))
     for name in plan.changed:
         supervisor.change_unit(name, new.servers[name], fresh.get(name))
-    supervisor.set_config(new, plan.daemon_applied)
+    # The running config: the new servers and live keys; the keys that need a restart keep the
+    # values the daemon runs with (its pidfile, control socket, user), so that what it cleans
+    # up at exit and what the next reload compares against are what is in force.
+    live = {key: getattr(new.daemon, key) for key in LIVE_DAEMON_KEYS}
+    running = dataclasses.replace(new, daemon=dataclasses.replace(supervisor.config.daemon, **live))
+    supervisor.set_config(running, plan.daemon_applied)
     return plan.summary()

@@ -366,11 +366,9 @@ class Supervisor(ServingMixIn, UpgradeMixIn):
         from .commands import reload_from_file
 
         try:
-            result = reload_from_file(self)
-        except DaemonError as exc:
-            log.error("reload_failed", error=str(exc))
-        else:
-            log.info("reload_done", **result)
+            reload_from_file(self)
+        except DaemonError:
+            pass  # logged (reload_failed) and nothing changed
 
     def _reap(self) -> None:
         """Reap every exited child: waitpid(-1, WNOHANG) until none is left."""

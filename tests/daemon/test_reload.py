@@ -158,6 +158,10 @@ def test_sighup_reloads_the_config_file(start_daemon, tmp_path: Path) -> None:
     assert echo_roundtrip(second) == b"hello\n"
     assert refused(first)
     wait_for(lambda: list(servers_status(path)) == ["second"])
+    # The same over the control socket: one event per reload, whoever asked.
+    daemon.config_path.write_text(head + echo_server("first", first))
+    assert result(path, "reload")["added"] == ["first"]
+    assert len(daemon.find("reload_done")) == 2
 
 
 def test_invalid_config_is_refused_and_nothing_changes(start_daemon, tmp_path: Path) -> None:
@@ -219,6 +223,7 @@ def test_reload_that_cannot_bind_is_refused_whole(start_daemon, tmp_path: Path) 
         )
         message = error(path, "reload")
         assert f"cannot bind servers.blocked to 127.0.0.1:{taken}" in message, message
+        assert daemon.wait_event("reload_failed")["error"] == message  # logged as on SIGHUP
         assert servers_status(path) == before
         assert result(path, "config") == config_before
     assert echo_roundtrip(port) == b"hello\n"
@@ -230,18 +235,27 @@ def test_daemon_settings_live_and_needing_a_restart(start_daemon, tmp_path: Path
     path = control_path(tmp_path)
     port = free_port()
     body = echo_server("echo", port)
-    daemon = start_daemon(daemon_section(tmp_path) + body)
+    first_pidfile, second_pidfile = tmp_path / "first.pid", tmp_path / "second.pid"
+    daemon = start_daemon(daemon_section(tmp_path, pidfile=str(first_pidfile)) + body)
     elsewhere = f"{tmp_path}/elsewhere.sock"
-    changed = daemon_section(tmp_path, log_level="warning").replace(
+    changed = daemon_section(tmp_path, log_level="warning", pidfile=str(second_pidfile)).replace(
         f'"{tmp_path}/control.sock"', f'"{elsewhere}"'
     )
     daemon.config_path.write_text(changed + body)
     reply = result(path, "reload")
     assert reply == plan(
-        unchanged=["echo"], daemon_applied=["log_level"], daemon_needs_restart=["control_socket"]
+        unchanged=["echo"],
+        daemon_applied=["log_level"],
+        daemon_needs_restart=["control_socket", "pidfile"],
     )
     assert result(path, "ping") == "pong", "the control socket stays where it was"
     assert not Path(elsewhere).exists()
+    # Not applied, so still to be applied: a second reload of the same file says so again, and
+    # the running config shows the socket in use.
+    again = result(path, "reload")
+    assert again["daemon_needs_restart"] == ["control_socket", "pidfile"]
+    assert again["daemon_applied"] == []
+    assert f'control_socket = "{tmp_path}/control.sock"' in result(path, "config")
 
     # log_level = "warning" is in force: an info event (server_paused) is no longer written,
     # while an error event (reload_failed) that the loop logs after it is.
@@ -252,6 +266,10 @@ def test_daemon_settings_live_and_needing_a_restart(start_daemon, tmp_path: Path
     assert not daemon.find("server_paused")
     assert result(path, "resume", server="echo")["state"] == "running"
     assert echo_roundtrip(port) == b"hello\n"
+    # The pidfile in use is the one removed on the way out, and none was written elsewhere.
+    assert first_pidfile.read_text() == f"{daemon.pid}\n"
+    assert daemon.stop() == 0
+    assert not first_pidfile.exists() and not second_pidfile.exists()
 
 
 def test_renaming_a_server_on_the_same_address(start_daemon, tmp_path: Path) -> None:
