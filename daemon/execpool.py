@@ -69,7 +69,15 @@ def spawn(
     ]
     err_r, err_w = os.pipe()
     os.set_inheritable(err_r, False)
-    pid = os.fork()
+    # The loop reads it: a read must never wait, even once the program has exited while
+    # something it started in the background still holds the write end.
+    os.set_blocking(err_r, False)
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(err_r)
+        os.close(err_w)
+        raise
     if pid:
         os.close(err_w)
         return pid, err_r
@@ -151,14 +159,15 @@ class ExecDispatcher:
             client=format_address(client) if client else None,
         )
 
-    def _on_stderr(self, child: Child) -> None:
+    def _on_stderr(self, child: Child) -> bool:
+        """Read what the program wrote to stderr; True when there may be more right now."""
         fd = child.stderr_fd
         if fd is None:
-            return
+            return False
         try:
             data = os.read(fd, 65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if data:
@@ -167,13 +176,14 @@ class ExecDispatcher:
             child.stderr = bytearray(rest[-MAX_STDERR_LINE:])
             for line in lines:
                 self._log_line(child, bytes(line))
-            return
+            return True
         if child.stderr:
             self._log_line(child, bytes(child.stderr))
             child.stderr.clear()
         self.host.unwatch(fd)
         os.close(fd)
         child.stderr_fd = None
+        return False
 
     def _log_line(self, child: Child, line: bytes) -> None:
         log.warning(
@@ -186,8 +196,9 @@ class ExecDispatcher:
     def _on_exit(self, child: Child, status: int, on_exit: Callable[[], None] | None) -> None:
         self._children.pop(child.pid, None)
         if child.stderr_fd is not None:
-            self._on_stderr(child)  # what it wrote last
-            if child.stderr_fd is not None:
+            while self._on_stderr(child):  # what it wrote last
+                pass
+            if child.stderr_fd is not None:  # held open by something it left running
                 self.host.unwatch(child.stderr_fd)
                 os.close(child.stderr_fd)
                 child.stderr_fd = None

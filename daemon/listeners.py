@@ -382,7 +382,12 @@ class ManagedMixIn:
         if self._per_connection_timeout:
             set_io_timeout(request, self._io_timeout)
         self.limits.started(client_address)
-        if self.dispatcher.submit(request, client_address):
+        try:
+            taken = self.dispatcher.submit(request, client_address)
+        except BaseException:  # a program that could not be started, say: not a slot held
+            self.limits.finished(client_address)
+            raise
+        if taken:
             # Only the loop's thread counts requests (and denials, rejections): no lock needed.
             self.counters.requests += 1
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import threading
@@ -175,6 +176,54 @@ def test_exec_child_ignoring_sigterm_is_killed_at_the_timeout(start_daemon, tmp_
         assert daemon.proc.wait(15) == 1, "it had to be forced"
     exits = daemon.find("exec_exited", server="stubborn")
     assert exits and exits[0]["signal"] == "SIGKILL"
+
+
+def test_a_program_that_leaves_something_running_does_not_hold_up_the_loop(
+    start_daemon, tmp_path: Path
+) -> None:
+    # The program exits at once; what it started in the background keeps its stderr open.
+    # The loop must not wait on that pipe: the other server answers at once meanwhile.
+    bg, echo = free_port(), free_port()
+    config = daemon_section(tmp_path)
+    config += server(
+        "bg",
+        listen=f"127.0.0.1:{bg}",
+        command=["sh", "-c", "sleep 3 </dev/null >/dev/null & echo started"],
+    )
+    config += server("echo", listen=f"127.0.0.1:{echo}", handler="echo")
+    daemon = start_daemon(config)
+    assert talk(bg) == b"started\n"
+    # Round trips for a second from the program's exit on: none may wait on the loop.
+    until = time.monotonic() + 1.0
+    while time.monotonic() < until:
+        started = time.monotonic()
+        assert echo_roundtrip(echo) == b"hello\n"
+        assert time.monotonic() - started < 0.5, "the loop waited on a pipe a grandchild holds"
+    assert daemon.wait_event("exec_exited", server="bg")["exit_code"] == 0
+    assert daemon.stop() == 0
+
+
+def test_a_program_that_cannot_be_started_frees_its_per_source_slot(
+    start_daemon, tmp_path: Path
+) -> None:
+    # Out of descriptors between accept and spawn (its stderr pipe): that request fails, and
+    # the client's per_source slot comes back with it.
+    port = free_port()
+    daemon = start_daemon(
+        daemon_section(tmp_path)
+        + server("cat", listen=f"127.0.0.1:{port}", command=["cat"], per_source=1)
+    )
+    soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (in_use + 1, hard))  # accept, no pipe
+    try:
+        assert talk(port, b"x\n") == b""
+        daemon.wait_event("request_failed", server="cat")
+    finally:
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert talk(port, b"again\n") == b"again\n"
+    assert not daemon.find("request_refused", server="cat")
+    assert daemon.stop() == 0
 
 
 def test_a_program_that_cannot_start_is_reported(start_daemon, tmp_path: Path) -> None:
