@@ -86,6 +86,9 @@ def spawn(
         os.dup2(stdio_fd, 0)
         os.dup2(stdio_fd, 1)
         os.dup2(err_w, 2)
+        # A program expects a blocking socket, as inetd gives it; in wait mode this is the
+        # daemon's own listener, which the daemon makes non-blocking again once it has exited.
+        os.set_blocking(0, True)
         os.closerange(3, 2**31 - 1)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         for which, value in limits:

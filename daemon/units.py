@@ -227,6 +227,8 @@ class ServingMixIn:
         server.counters.requests += 1
 
         def done() -> None:
+            if server.socket.fileno() >= 0:
+                server.socket.setblocking(False)  # the program had it blocking (execpool.spawn)
             if unit.server is server and unit.state is State.RUNNING:
                 self._listen(unit)
 

@@ -117,7 +117,8 @@ def test_datagram_exec_service_gets_the_socket_and_waits(start_daemon, tmp_path:
         "import os, socket, sys\n"
         "s = socket.socket(fileno=0)\n"
         "data, peer = s.recvfrom(2048)\n"
-        "s.sendto(b'pid %d got ' % os.getpid() + data, peer)\n"
+        "blocking = os.get_blocking(0)  # as inetd gives it: a wait for the next one waits\n"
+        "s.sendto(b'pid %d %r got ' % (os.getpid(), blocking) + data, peer)\n"
         "s.detach()\n"
     )
     import sys
@@ -135,11 +136,32 @@ def test_datagram_exec_service_gets_the_socket_and_waits(start_daemon, tmp_path:
         for i in range(3):
             s.sendto(f"datagram {i}".encode(), ("127.0.0.1", port))
             reply = s.recv(2048)
-            assert reply.endswith(f"got datagram {i}".encode())
+            assert reply.endswith(f"True got datagram {i}".encode()), reply
             answers.add(reply.split()[1])
     assert len(answers) == 3, "one program per wait cycle"
     wait_for(lambda: len(daemon.find("exec_exited", server="udp")) == 3)
+    # Between programs the daemon's listener is non-blocking again, as its loop needs it.
+    assert udp_listener_flags(daemon.pid, port) & os.O_NONBLOCK
     assert daemon.stop() == 0
+
+
+def udp_listener_flags(pid: int, port: int) -> int:
+    """The file status flags of `pid`'s descriptor for the UDP socket bound to `port`."""
+    with open("/proc/net/udp") as f:
+        inodes = {
+            fields[9]
+            for fields in (line.split() for line in list(f)[1:])
+            if int(fields[1].split(":")[1], 16) == port
+        }
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                return int(info.read().split()[3], 8)
+    raise AssertionError(f"no UDP socket on port {port} in pid {pid}")
 
 
 def test_exec_children_are_terminated_on_stop(start_daemon, tmp_path: Path) -> None:
