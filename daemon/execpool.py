@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .config import ServerConfig
+from .config_schema import key_path
 from .listeners import ManagedMixIn
 from .log import format_address, get_logger
 from .privileges import Identity, resolve
@@ -135,7 +136,8 @@ class ExecDispatcher:
         self.server = server
         self.config = server.config
         self.host = host
-        self.identity = resolve(self.config.user, self.config.group)
+        table = key_path("servers", self.config.name)
+        self.identity = resolve(self.config.user, self.config.group, table)
         self._children: dict[int, Child] = {}
         self._closing = False
 

@@ -32,15 +32,16 @@ class Identity:
     home: str
 
 
-def resolve(user: str | None, group: str | None) -> Identity | None:
-    """The identity to drop to, or None; DaemonError naming the key when it does not exist."""
+def resolve(user: str | None, group: str | None, table: str = "daemon") -> Identity | None:
+    """The identity to drop to, or None; DaemonError naming the key (`table`.user or .group)
+    when it does not exist."""
     if user is None and group is None:
         return None
     if user is not None:
         try:
             entry = pwd.getpwnam(user)
         except KeyError:
-            raise DaemonError(f"daemon.user: no such user {user!r}") from None
+            raise DaemonError(f"{table}.user: no such user {user!r}") from None
         uid, gid, home, name = entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_name
     else:
         uid, gid, home, name = os.getuid(), os.getgid(), "/", str(os.getuid())
@@ -48,7 +49,7 @@ def resolve(user: str | None, group: str | None) -> Identity | None:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            raise DaemonError(f"daemon.group: no such group {group!r}") from None
+            raise DaemonError(f"{table}.group: no such group {group!r}") from None
     return Identity(name, uid, gid, home)
 
 

@@ -403,6 +403,15 @@ def test_limits_under_concurrent_load(start_daemon, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching a program's user needs root")
+def test_an_unknown_exec_user_names_the_servers_key(start_daemon, tmp_path: Path) -> None:
+    config = daemon_section(tmp_path) + server(
+        "tftp.v4", listen=f"127.0.0.1:{free_port()}", command=["cat"], user="no-such-user-zz"
+    )
+    daemon = start_daemon(config, ready=False)
+    assert daemon.proc.wait(15) == 1
+    assert """servers."tftp.v4".user: no such user 'no-such-user-zz'""" in daemon.log_text()
+
+
 def test_exec_service_runs_as_its_user_and_group(start_daemon, tmp_path: Path) -> None:
     import grp
     import pwd
