@@ -128,7 +128,7 @@ class ExecDispatcher:
 
     - submit(request, client_address) -> bool: start the program on the connection.
     - serve_socket(sock, done): wait mode; run the program on the listening socket itself and
-      call done() when it exits.
+      call done(exit code, seconds it ran) when it exits.
     - drain(): SIGTERM every child (a graceful stop); force(): SIGKILL them.
     """
 
@@ -148,10 +148,10 @@ class ExecDispatcher:
         request.close()  # the child has it now
         return True
 
-    def serve_socket(self, sock: socket.socket, done: Callable[[], None]) -> None:
+    def serve_socket(self, sock: socket.socket, done: Callable[[int, float], None]) -> None:
         self._start(sock.fileno(), None, on_exit=done)
 
-    def _start(self, fd: int, client: Any, on_exit: Callable[[], None] | None) -> None:
+    def _start(self, fd: int, client: Any, on_exit: Callable[[int, float], None] | None) -> None:
         pid, stderr_fd = spawn(self.config, self.identity, fd, client)
         child = Child(pid, stderr_fd, client)
         self._children[pid] = child
@@ -198,7 +198,9 @@ class ExecDispatcher:
             line=line[:MAX_STDERR_LINE].decode("utf-8", "replace").rstrip("\r"),
         )
 
-    def _on_exit(self, child: Child, status: int, on_exit: Callable[[], None] | None) -> None:
+    def _on_exit(
+        self, child: Child, status: int, on_exit: Callable[[int, float], None] | None
+    ) -> None:
         self._children.pop(child.pid, None)
         if child.stderr_fd is not None:
             while self._on_stderr(child):  # what it wrote last
@@ -220,7 +222,7 @@ class ExecDispatcher:
         self.server.counters.finished(duration, code != 0)
         self.server.request_finished(child.client)
         if on_exit is not None:
-            on_exit()
+            on_exit(code, duration)
         if not self._children:
             self.host.pool_idle()
 

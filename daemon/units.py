@@ -46,6 +46,13 @@ BATCH = {"inline": 4, "thread": 32, "fork": 32, "exec": 8}
 # Ceiling on connections taken from a listener's accept queue when it stops.
 BACKLOG_DRAIN_MAX = 65536
 
+# inetd's loop guard for `wait` services: a program that fails this many times in a row, each
+# within WAIT_LOOP_SECONDS, most likely leaves its datagram unread and is started again for it
+# at once, for ever. The service then rests WAIT_LOOP_PAUSE seconds, and what waits is dropped.
+WAIT_LOOP_LIMIT = 10
+WAIT_LOOP_SECONDS = 1.0
+WAIT_LOOP_PAUSE = 10.0
+
 # How long a stopped TCP listener stays open, new SYNs dropped, for the clients whose handshake
 # it had half done (SYN answered, ACK not in yet): their ACK is a round trip away, or behind
 # the first SYN-ACK retransmission (after 1 s) if it was lost.
@@ -74,6 +81,7 @@ class ServerUnit:
         self.closing: dict[Any, float] = {}
         # Counters outlive the listener: a stop and start, or a reload, keeps the figures.
         self.counters = Counters()
+        self.wait_failures = 0  # fast failures in a row of a `wait` program (WAIT_LOOP_LIMIT)
 
     def busy(self) -> bool:
         return self.state is State.DRAINING or bool(self.retiring) or bool(self.closing)
@@ -226,11 +234,27 @@ class ServingMixIn:
         self._unlisten(unit)
         server.counters.requests += 1
 
-        def done() -> None:
+        def done(code: int, duration: float) -> None:
             if server.socket.fileno() >= 0:
                 server.socket.setblocking(False)  # the program had it blocking (execpool.spawn)
-            if unit.server is server and unit.state is State.RUNNING:
-                self._listen(unit)
+            failed_fast = code != 0 and duration < WAIT_LOOP_SECONDS
+            unit.wait_failures = unit.wait_failures + 1 if failed_fast else 0
+            if unit.server is not server or unit.state is not State.RUNNING:
+                return
+            if unit.wait_failures >= WAIT_LOOP_LIMIT:
+                unit.wait_failures = 0
+                log.warning(
+                    "service_disabled",
+                    server=unit.name,
+                    reason="looping",
+                    failures=WAIT_LOOP_LIMIT,
+                    seconds=WAIT_LOOP_PAUSE,
+                )
+                unit.cps_timer = self.call_later(
+                    WAIT_LOOP_PAUSE, lambda: self._enable_after(unit, server, "looping")
+                )
+                return
+            self._listen(unit)
 
         unit.dispatcher.serve_socket(server.socket, done)  # type: ignore[union-attr]
 
@@ -240,18 +264,19 @@ class ServingMixIn:
             return
         limit, seconds = unit.config.cps  # type: ignore[misc]
         self._unlisten(unit)
-        unit.cps_timer = self.call_later(seconds, lambda: self._enable_after_cps(unit, server))
+        unit.cps_timer = self.call_later(seconds, lambda: self._enable_after(unit, server, "cps"))
         log.warning(
             "service_disabled", server=unit.name, reason="cps", limit=limit, seconds=seconds
         )
 
-    def _enable_after_cps(self, unit: ServerUnit, server: Any) -> None:
+    def _enable_after(self, unit: ServerUnit, server: Any, reason: str) -> None:
+        """The end of a rest (`cps`, or a looping `wait` program): drop what waits, listen."""
         unit.cps_timer = None
         if unit.server is not server:
             return
         refused = _refuse_backlog(server)
         if refused:
-            server.counters.refuse("cps", refused)
+            server.counters.refuse(reason, refused)
         if unit.state is State.RUNNING:
             self._listen(unit)
         log.warning("service_enabled", server=unit.name, refused_backlog=refused)

@@ -164,6 +164,24 @@ def udp_listener_flags(pid: int, port: int) -> int:
     raise AssertionError(f"no UDP socket on port {port} in pid {pid}")
 
 
+def test_a_wait_program_that_keeps_failing_is_rested_not_restarted_for_ever(
+    start_daemon, tmp_path: Path
+) -> None:
+    # A program that cannot run leaves its datagram unread: without inetd's loop guard the
+    # daemon would start it again at once, hundreds of times a second, for ever.
+    port = free_port(socket.SOCK_DGRAM)
+    config = daemon_section(tmp_path) + server(
+        "broken", listen=f"127.0.0.1:{port}", socket_type="dgram", command=["/nonexistent/prog"]
+    )
+    daemon = start_daemon(config)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"one datagram", ("127.0.0.1", port))
+    rest = daemon.wait_event("service_disabled", server="broken")
+    assert (rest["reason"], rest["failures"], rest["seconds"]) == ("looping", 10, 10.0)
+    assert daemon.stop() == 0
+    assert len(daemon.find("exec_exited", server="broken")) == 10
+
+
 def test_exec_children_are_terminated_on_stop(start_daemon, tmp_path: Path) -> None:
     port = free_port()
     config = daemon_section(tmp_path, shutdown_timeout=5) + server(
