@@ -375,14 +375,18 @@ class ServingMixIn:
             for server in list(unit.closing):
                 self._end_linger(unit, server)
 
-    def _retire(self, unit: ServerUnit) -> None:
-        """Close the unit's listener and let its pool finish what it has."""
+    def _retire(self, unit: ServerUnit, stopping: bool = True) -> None:
+        """Close the unit's listener and let its pool finish what it has. `stopping` (a stop,
+        a removal, the shutdown): the pools are drained too, which asks exec programs to end
+        (SIGTERM); a reload that changes the server lets them run to their end."""
         if unit.server is not None:
             self._close_listener(unit)
         if unit.dispatcher is not None:
-            unit.dispatcher.drain()
             unit.retiring.append(unit.dispatcher)
             unit.dispatcher = None
+        if stopping:
+            for dispatcher in unit.retiring:
+                dispatcher.drain()
 
     def _busy(self) -> bool:
         return any(u.busy() for u in self.units.values())
@@ -507,7 +511,8 @@ class ServingMixIn:
             server = build_server(config, unit.counters, adopt=unit.server)
             self._unlisten(unit)
             unit.server = None
-        self._retire(unit)  # the old pool finishes its requests; the old listener, if any, closes
+        # The old pool finishes its requests; the old listener, if any, closes.
+        self._retire(unit, stopping=False)
         if server is None:
             log.warning("server_changed", server=name, running=False)
             return

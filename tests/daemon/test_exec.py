@@ -182,6 +182,27 @@ def test_a_wait_program_that_keeps_failing_is_rested_not_restarted_for_ever(
     assert len(daemon.find("exec_exited", server="broken")) == 10
 
 
+def test_a_reload_that_changes_the_server_lets_running_programs_finish(
+    start_daemon, tmp_path: Path
+) -> None:
+    port = free_port()
+    head = daemon_section(tmp_path)
+
+    def config(env: dict[str, str]) -> str:
+        command = ["sh", "-c", "sleep 1; echo finished $X"]
+        return head + server("slow", listen=f"127.0.0.1:{port}", command=command, env=env)
+
+    daemon = start_daemon(config({"X": "old"}))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        daemon.wait_event("exec_started", server="slow")
+        daemon.config_path.write_text(config({"X": "new"}))
+        assert daemon.control("reload")["result"]["changed"] == ["slow"]
+        # New settings for new requests; the one running keeps its program to the end.
+        assert client.makefile("rb").readline() == b"finished old\n"
+    assert talk(port) == b"finished new\n"
+    assert daemon.stop() == 0
+
+
 def test_exec_children_are_terminated_on_stop(start_daemon, tmp_path: Path) -> None:
     port = free_port()
     config = daemon_section(tmp_path, shutdown_timeout=5) + server(
