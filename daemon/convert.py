@@ -122,6 +122,23 @@ def _implicit(
             f"{source_format} passes its own environment to a program that is not given passenv; "
             "selectd passes only env and passenv (add passenv where a program needs more)"
         )
+    unchecked = ("allow", "deny", "access_times", "cps", "instances", "per_source")
+    waiting = [
+        t
+        for t in converted
+        if "command" in t and t.get("socket_type") == "dgram" and any(k in t for k in unchecked)
+    ]
+    if waiting:
+        keys = sorted({k for t in waiting for k in unchecked if k in t})
+        notes.append(
+            f"selectd does not yet apply {', '.join(keys)} to datagram (wait) services: the "
+            "program reads the socket itself, before any check (README, Exec services)"
+        )
+    if any("command" in t and t.get("socket_type") != "dgram" for t in converted):
+        notes.append(
+            "selectd gives a stream program SO_RCVTIMEO/SO_SNDTIMEO of timeout (60 s unless set); "
+            f"{source_format} gives none: add timeout = 0 where a program must wait longer"
+        )
     if source_format == "xinetd" and converted:
         if any("cps" not in t for t in converted):
             notes.append(

@@ -209,7 +209,8 @@ def test_set_operators_add_to_and_remove_from_the_defaults(tmp_path: Path) -> No
         "remove": ["172.16.0.0/16"],
         "replace": ["127.0.0.1/32"],
     }
-    assert not result.notes[3:]  # the general notes only
+    # The general notes only (environment, cps, TCP wrappers, stream timeouts): none per service.
+    assert all(note.line == 1 for note in result.notes), result.notes
 
 
 def test_disable_and_the_defaults_enabled_and_disabled_lists(tmp_path: Path) -> None:
@@ -1242,3 +1243,21 @@ def test_converted_exec_services_answer(
         assert s.makefile("rb").read() == b"converted\n"
     assert echo_roundtrip(_port(tables["4000"]), b"there\n") == b"hello there\n"
     assert daemon.stop() == 0
+
+
+def test_checks_a_wait_service_does_not_get_yet_are_said(tmp_path: Path) -> None:
+    # An access list that the converted config would not enforce must not pass in silence.
+    entry = (
+        "socket_type = dgram\nprotocol = udp\nwait = yes\nuser = root\n"
+        "server = /usr/sbin/in.tftpd\nport = 69\nonly_from = 10.0.0.0\ninstances = 5\n"
+    )
+    result = xinetd(tmp_path, service(entry, "tftp"))
+    table = servers(result)["tftp"]
+    assert (table["socket_type"], table["allow"], table["instances"]) == (
+        "dgram",
+        ["10.0.0.0/8"],
+        5,
+    )
+    said = [n.text for n in result.notes if "datagram (wait) services" in n.text]
+    assert said and "allow, instances" in said[0], result.notes
+    assert said[0] in result.text  # in the output too, as a comment
