@@ -244,6 +244,21 @@ def _no_pool(values: Mapping[str, Any], value: Any) -> str | None:
     return 'with concurrency = "inline"' if values["concurrency"] == "inline" else None
 
 
+def _nr_open() -> int:
+    """The kernel's ceiling on a process's open files (fs.nr_open): no rlimit goes above it."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return COUNT_MAX  # not Linux, or hidden: the program's setrlimit will say
+
+
+def _open_files_limit(value: Any) -> int:
+    """rlimit_nofile: at least 3 (stdio), at most what this machine lets any process have:
+    above that the program's setrlimit fails, and so does every connection."""
+    return integer(3, _nr_open())(value)
+
+
 def _command_only(values: Mapping[str, Any], _value: Any) -> str | None:
     # Not judged when neither is set: that error is reported on handler already.
     if values["command"] is None and values["handler"] is not UNKNOWN:
@@ -393,7 +408,7 @@ SERVER_FIELDS: Final[Mapping[str, Field]] = {
     "user": Field(account_name, inert=_command_only),
     "group": Field(account_name, inert=_command_only),
     "rlimit_cpu": Field(integer(1, COUNT_MAX), inert=_command_only),
-    "rlimit_nofile": Field(integer(3, COUNT_MAX), inert=_command_only),
+    "rlimit_nofile": Field(_open_files_limit, inert=_command_only),
     "rlimit_as": Field(byte_size, inert=_command_only, dump=format_bytes),
     "options": Field(
         free_table, default=lambda _: MappingProxyType({}), inert=_with_command, dump=plain

@@ -44,6 +44,8 @@ from servers.services import BUILTIN_SERVICES
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "etc" / "selectd.toml"
 
+NR_OPEN = int(Path("/proc/sys/fs/nr_open").read_text())  # the ceiling of rlimit_nofile
+
 
 def server(name: str = "s", **keys: str | None) -> str:
     """A [servers.NAME] table; keys are raw TOML values. listen and handler have defaults;
@@ -993,6 +995,11 @@ def test_exec_keys_have_no_effect_with_a_handler(key: str, value: str) -> None:
         ),
         ({"rlimit_nofile": "2"}, "servers.s.rlimit_nofile: must be an integer >= 3, got 2"),
         ({"rlimit_nofile": '"64"'}, "servers.s.rlimit_nofile: must be an integer >= 3, got '64'"),
+        # Above fs.nr_open no process may have it: the program's setrlimit would fail.
+        (
+            {"rlimit_nofile": str(NR_OPEN + 1)},
+            f"servers.s.rlimit_nofile: must be an integer <= {NR_OPEN}, got {NR_OPEN + 1}",
+        ),
     ],
 )
 def test_exec_key_errors(keys: dict[str, str], expected: str) -> None:
@@ -1547,7 +1554,7 @@ def _valid_server(draw: st.DrawFn, port: int) -> dict[str, Any]:
         optional["user"] = st.sampled_from(["nobody", "0"])
         optional["group"] = st.sampled_from(["nogroup", "0"])
         optional["rlimit_cpu"] = st.integers(1, 2**31 - 1)
-        optional["rlimit_nofile"] = st.integers(3, 2**31 - 1)
+        optional["rlimit_nofile"] = st.integers(3, NR_OPEN)
         optional["rlimit_as"] = st.integers(1 << 20, 2**63 - 1) | st.sampled_from(
             ["1MiB", "200M", "3 GiB", "1T", "1048577B"]
         )
