@@ -122,17 +122,17 @@ def _implicit(
             f"{source_format} passes its own environment to a program that is not given passenv; "
             "selectd passes only env and passenv (add passenv where a program needs more)"
         )
-    unchecked = ("allow", "deny", "access_times", "cps", "instances", "per_source")
+    moot = ("instances", "per_source")
     waiting = [
         t
         for t in converted
-        if "command" in t and t.get("socket_type") == "dgram" and any(k in t for k in unchecked)
+        if "command" in t and t.get("socket_type") == "dgram" and any(k in t for k in moot)
     ]
     if waiting:
-        keys = sorted({k for t in waiting for k in unchecked if k in t})
+        keys = sorted({k for t in waiting for k in moot if k in t})
         notes.append(
-            f"selectd does not yet apply {', '.join(keys)} to datagram (wait) services: the "
-            "program reads the socket itself, before any check (README, Exec services)"
+            f"{' and '.join(keys)} mean nothing to a datagram (wait) service in selectd: it runs "
+            "one program at a time, which reads what it will from the socket itself"
         )
     if any("command" in t and t.get("socket_type") != "dgram" for t in converted):
         notes.append(

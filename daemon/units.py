@@ -230,7 +230,23 @@ class ServingMixIn:
 
     def _serve_waiting(self, unit: ServerUnit, server: Any) -> None:
         """inetd's `wait` for datagram exec services: the program gets the socket itself, and
-        the listener stays out of the selector until it exits."""
+        the listener stays out of the selector until it exits. The sender of the datagram that
+        woke us passes the server's checks first (allow/deny, access_times, cps: the program
+        would read it unchecked): one that does not has its datagram dropped, unanswered."""
+        sock = server.socket
+        try:
+            _peeked, sender = sock.recvfrom(1, socket.MSG_PEEK)
+        except OSError:
+            return  # nothing there after all, or an error the next datagram will not have
+        if not server.verify_request((b"", sock), sender):
+            try:
+                sock.recv(1)  # the whole datagram goes, however long
+            except OSError:
+                pass
+            if server.cps_tripped:
+                server.cps_tripped = False
+                self._disable_for_cps(unit, server)
+            return
         self._unlisten(unit)
         server.counters.requests += 1
 

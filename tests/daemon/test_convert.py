@@ -1245,8 +1245,8 @@ def test_converted_exec_services_answer(
     assert daemon.stop() == 0
 
 
-def test_checks_a_wait_service_does_not_get_yet_are_said(tmp_path: Path) -> None:
-    # An access list that the converted config would not enforce must not pass in silence.
+def test_limits_a_wait_service_cannot_have_are_said(tmp_path: Path) -> None:
+    # A limit that the converted config would not enforce must not pass in silence.
     entry = (
         "socket_type = dgram\nprotocol = udp\nwait = yes\nuser = root\n"
         "server = /usr/sbin/in.tftpd\nport = 69\nonly_from = 10.0.0.0\ninstances = 5\n"
@@ -1258,6 +1258,6 @@ def test_checks_a_wait_service_does_not_get_yet_are_said(tmp_path: Path) -> None
         ["10.0.0.0/8"],
         5,
     )
-    said = [n.text for n in result.notes if "datagram (wait) services" in n.text]
-    assert said and "allow, instances" in said[0], result.notes
+    said = [n.text for n in result.notes if "datagram (wait) service" in n.text]
+    assert said and said[0].startswith("instances mean nothing"), result.notes
     assert said[0] in result.text  # in the output too, as a comment

@@ -164,6 +164,28 @@ def udp_listener_flags(pid: int, port: int) -> int:
     raise AssertionError(f"no UDP socket on port {port} in pid {pid}")
 
 
+def test_a_wait_service_checks_the_sender_before_the_program_reads(
+    start_daemon, tmp_path: Path
+) -> None:
+    # The program would read the datagram unchecked: the daemon peeks at its sender first.
+    port = free_port(socket.SOCK_DGRAM)
+    config = daemon_section(tmp_path) + server(
+        "udp",
+        listen=f"127.0.0.1:{port}",
+        socket_type="dgram",
+        command=["/bin/cat"],
+        deny=["127.0.0.0/8"],
+    )
+    daemon = start_daemon(config)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"let me in", ("127.0.0.1", port))
+        daemon.wait_event("request_denied", server="udp")
+    figures = daemon.control("status", server="udp")["result"]["servers"]["udp"]
+    assert (figures["denied"], figures["requests"]) == (1, 0)
+    assert daemon.stop() == 0
+    assert not daemon.find("exec_exited", server="udp"), "the program never ran"
+
+
 def test_a_wait_program_that_keeps_failing_is_rested_not_restarted_for_ever(
     start_daemon, tmp_path: Path
 ) -> None:
