@@ -216,10 +216,7 @@ class ServingMixIn:
         for _ in range(batch):
             if not unit.registered or not handle_ready():
                 break
-            if server.cps_tripped:
-                # Over `cps`: out of the selector, its backlog refused, for cps[1] seconds.
-                server.cps_tripped = False
-                self._disable_for_cps(unit, server)
+            if self._over_cps(unit, server):
                 return
         backoff = server.accept_backoff()
         if backoff:
@@ -243,9 +240,7 @@ class ServingMixIn:
                 sock.recv(1)  # the whole datagram goes, however long
             except OSError:
                 pass
-            if server.cps_tripped:
-                server.cps_tripped = False
-                self._disable_for_cps(unit, server)
+            self._over_cps(unit, server)
             return
         self._unlisten(unit)
         server.counters.requests += 1
@@ -259,31 +254,29 @@ class ServingMixIn:
                 return
             if unit.wait_failures >= WAIT_LOOP_LIMIT:
                 unit.wait_failures = 0
-                log.warning(
-                    "service_disabled",
-                    server=unit.name,
-                    reason="looping",
-                    failures=WAIT_LOOP_LIMIT,
-                    seconds=WAIT_LOOP_PAUSE,
-                )
-                unit.cps_timer = self.call_later(
-                    WAIT_LOOP_PAUSE, lambda: self._enable_after(unit, server, "looping")
-                )
+                self._rest(unit, server, "looping", WAIT_LOOP_PAUSE, failures=WAIT_LOOP_LIMIT)
                 return
             self._listen(unit)
 
         unit.dispatcher.serve_socket(server.socket, done)  # type: ignore[union-attr]
 
-    def _disable_for_cps(self, unit: ServerUnit, server: Any) -> None:
-        """More than cps[0] connections in a second: refuse everything for cps[1] seconds."""
-        if unit.server is not server or unit.cps_timer is not None:
-            return
-        limit, seconds = unit.config.cps  # type: ignore[misc]
+    def _over_cps(self, unit: ServerUnit, server: Any) -> bool:
+        """Whether the request just taken went over `cps` (server.cps_tripped); if so, more
+        than cps[0] connections came in a second: refuse everything for cps[1] seconds."""
+        if not server.cps_tripped:
+            return False
+        server.cps_tripped = False
+        if unit.server is server and unit.cps_timer is None:
+            limit, seconds = unit.config.cps  # type: ignore[misc]
+            self._rest(unit, server, "cps", seconds, limit=limit)
+        return True
+
+    def _rest(self, unit: ServerUnit, server: Any, reason: str, seconds: float, **why: Any) -> None:
+        """Out of the selector for `seconds` (service_disabled); then what waits is dropped and
+        the listener listens again (_enable_after)."""
         self._unlisten(unit)
-        unit.cps_timer = self.call_later(seconds, lambda: self._enable_after(unit, server, "cps"))
-        log.warning(
-            "service_disabled", server=unit.name, reason="cps", limit=limit, seconds=seconds
-        )
+        unit.cps_timer = self.call_later(seconds, lambda: self._enable_after(unit, server, reason))
+        log.warning("service_disabled", server=unit.name, reason=reason, seconds=seconds, **why)
 
     def _enable_after(self, unit: ServerUnit, server: Any, reason: str) -> None:
         """The end of a rest (`cps`, or a looping `wait` program): drop what waits, listen."""
