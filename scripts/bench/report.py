@@ -153,16 +153,22 @@ def _paired(mine: dict[object, float], theirs: dict[object, float]) -> list[floa
     return [mine[k] / theirs[k] for k in sorted(mine.keys() & theirs.keys()) if theirs[k]]
 
 
+def noise_floors(rows: Sequence[Record]) -> dict[tuple[object, object, object], Record]:
+    """(peer, mode, clients) -> the ratio of that peer's second copy to it (--twins), from
+    ratios()'s rows: how far this machine alone moved a ratio against that peer."""
+    return {
+        (r["peer"], r["mode"], r["clients"]): r["ratio"]
+        for r in rows
+        if r.get("twin") and r["ratio"]
+    }
+
+
 def ratio_lines(rows: Sequence[Record]) -> list[str]:
     """One line per ratio (from ratios()):
     "selectd-thread conn/s vs ThreadingTCPServer: 2.30x [2.10-2.41] (5 rounds, 32 clients)", or
     for a twin "ThreadingTCPServer rtt/s vs a second ThreadingTCPServer (noise floor): ...". A
     ratio whose peer ran twice ends with that noise floor, to be read against it."""
-    floors = {
-        (r["peer"], r["mode"], r["clients"]): r["ratio"]
-        for r in rows
-        if r.get("twin") and r["ratio"]
-    }
+    floors = noise_floors(rows)
     lines = []
     for r in rows:
         ratio = "n/a" if r["ratio"] is None else fmt_ratio(r["ratio"])

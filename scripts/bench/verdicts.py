@@ -19,11 +19,11 @@ idle rows name their N.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .report import fmt_ratio, markdown_table, text_table
+from .report import fmt_ratio, markdown_table, noise_floors, text_table
 
 Record = dict[str, Any]  # as stored in results.json
 
@@ -74,7 +74,8 @@ def judge(
     clients: int,
 ) -> list[Record]:
     """Every target's row, in the order above: ratios, clients served, then idle and scale."""
-    rows = [_ratio_row(t, ratio_rows, clients) for t in RATIO_TARGETS]
+    floors = noise_floors(ratio_rows)
+    rows = [_ratio_row(t, ratio_rows, floors, clients) for t in RATIO_TARGETS]
     rows += [_served_row(name, summary, clients) for name in POOLS]
     rows += _idle_rows(scale)
     rows.append(_dispatch_row(dispatch))
@@ -94,31 +95,30 @@ def _row(
     }
 
 
-def _ratio_row(target: RatioTarget, ratio_rows: Sequence[Record], clients: int) -> Record:
-    def find(twin: bool) -> Record | None:
-        """selectd's ratio to the peer, or (twin) the peer's second copy's to the peer."""
-        for r in ratio_rows:
-            if (r["peer"], r["mode"], r["clients"], bool(r.get("twin"))) != (
-                target.peer,
-                target.mode,
-                clients,
-                twin,
-            ):
-                continue
-            if r["ratio"] and (twin or r["selectd"] == target.selectd):
-                return r
-        return None
-
+def _ratio_row(
+    target: RatioTarget,
+    ratio_rows: Sequence[Record],
+    floors: Mapping[tuple[object, object, object], Record],
+    clients: int,
+) -> Record:
+    key = (target.selectd, target.peer, target.mode, clients)
+    row = next(
+        (
+            r
+            for r in ratio_rows
+            if (r["selectd"], r["peer"], r["mode"], r["clients"]) == key and r["ratio"]
+        ),
+        None,
+    )
     want = f">= {target.at_least:g}x" + (" (stretch)" if target.stretch else "")
     unit = "conn/s" if target.mode == "conn" else "rtt/s"
     what = f"{POOLS[target.selectd]} {unit} vs {target.peer}"
-    row = find(twin=False)
     if row is None:
         return _row(what, want, None, False, stretch=target.stretch)
     notes = []
-    floor = find(twin=True)
+    floor = floors.get((target.peer, target.mode, clients))
     if floor is not None:
-        notes.append(f"noise floor (two {target.peer}): {fmt_ratio(floor['ratio'])}")
+        notes.append(f"noise floor (two {target.peer}): {fmt_ratio(floor)}")
     if row.get("cost_ratio"):
         notes.append(f"machine CPU per op {row['cost_ratio']['median']:.2f}x")
     ok = row["ratio"]["median"] >= target.at_least
