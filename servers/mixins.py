@@ -116,6 +116,9 @@ class ForkingMixIn:
     def _forget_child(self, pid: int) -> None:
         if self.active_children is not None:
             self.active_children.discard(pid)
+        self._release_pidfd(pid)
+
+    def _release_pidfd(self, pid: int) -> None:
         pidfd = self._pidfds().pop(pid, None)
         if pidfd is not None:
             self._unwatch_fd(pidfd)  # type: ignore[attr-defined]
@@ -224,7 +227,5 @@ class ForkingMixIn:
         self.collect_children(blocking=self.block_on_close)
         # Children left running (block_on_close false) can still be reaped by a later
         # collect_children(), which waits by pid; their pidfds go with the server.
-        for pidfd in self._pidfds().values():
-            self._unwatch_fd(pidfd)  # type: ignore[attr-defined]
-            os.close(pidfd)
-        self._pidfds().clear()
+        for pid in list(self._pidfds()):
+            self._release_pidfd(pid)
