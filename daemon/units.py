@@ -216,7 +216,8 @@ class ServingMixIn:
         for _ in range(batch):
             if not unit.registered or not handle_ready():
                 break
-            if self._over_cps(unit, server):
+            if server.cps_tripped:  # a flag test per request: the call only when it is set
+                self._over_cps(unit, server)
                 return
         backoff = server.accept_backoff()
         if backoff:
@@ -240,7 +241,8 @@ class ServingMixIn:
                 sock.recv(1)  # the whole datagram goes, however long
             except OSError:
                 pass
-            self._over_cps(unit, server)
+            if server.cps_tripped:
+                self._over_cps(unit, server)
             return
         self._unlisten(unit)
         server.counters.requests += 1
@@ -260,16 +262,13 @@ class ServingMixIn:
 
         unit.dispatcher.serve_socket(server.socket, done)  # type: ignore[union-attr]
 
-    def _over_cps(self, unit: ServerUnit, server: Any) -> bool:
-        """Whether the request just taken went over `cps` (server.cps_tripped); if so, more
-        than cps[0] connections came in a second: refuse everything for cps[1] seconds."""
-        if not server.cps_tripped:
-            return False
+    def _over_cps(self, unit: ServerUnit, server: Any) -> None:
+        """The request just taken went over `cps` (server.cps_tripped): more than cps[0]
+        connections came in a second, so refuse everything for cps[1] seconds."""
         server.cps_tripped = False
         if unit.server is server and unit.cps_timer is None:
             limit, seconds = unit.config.cps  # type: ignore[misc]
             self._rest(unit, server, "cps", seconds, limit=limit)
-        return True
 
     def _rest(self, unit: ServerUnit, server: Any, reason: str, seconds: float, **why: Any) -> None:
         """Out of the selector for `seconds` (service_disabled); then what waits is dropped and
