@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import tomli_w
 
+from . import scheduling
 from .config_handler import (
     COMMAND_FORM,
     HANDLER_FORMS,
@@ -158,6 +159,9 @@ class ServerConfig:
     max_requests: int | None = None  # requests before a worker is retired
     max_requests_jitter: int = 0  # a random 0..jitter added to max_requests per worker
     max_rss: int | None = None  # bytes of RSS past which a worker is retired
+    # The kernel policy workers, pool threads or programs run under (scheduling.py); None:
+    # the daemon's own.
+    scheduling_policy: str | None = None
 
     def handler_class(self) -> type:
         """Resolve the handler now (imports its module); ValueError if it cannot be, or if
@@ -270,6 +274,15 @@ def _fork_only(values: Mapping[str, Any], _value: Any) -> str | None:
     concurrency = values["concurrency"]
     if concurrency is not UNKNOWN and concurrency != "fork":
         return 'without concurrency = "fork" (it is about the fork pool\'s workers)'
+    return None
+
+
+def _in_the_loop(values: Mapping[str, Any], _value: Any) -> str | None:
+    if values["concurrency"] == "inline":
+        return (
+            'with concurrency = "inline" '
+            "(its handler runs in the loop, whose policy is the daemon's)"
+        )
     return None
 
 
@@ -399,6 +412,7 @@ SERVER_FIELDS: Final[Mapping[str, Field]] = {
         integer(0, COUNT_MAX), default=0, inert=_jitter_needs_max_requests
     ),
     "max_rss": Field(byte_size, inert=_fork_only, dump=format_bytes),
+    "scheduling_policy": Field(choice(*scheduling.POLICIES), inert=_in_the_loop),
     # What a command's program runs with.
     "env": Field(
         environment, default=lambda _: MappingProxyType({}), inert=_command_only, dump=plain

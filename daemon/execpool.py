@@ -9,10 +9,10 @@ Datagram (wait): the program gets the listening socket itself as stdin and reads
 the listener leaves the selector until the program exits, as inetd's `wait` services do.
 
 The child is forked by hand rather than through subprocess: between fork and exec it only moves
-descriptors, applies the service's rlimits and identity and resets SIGPIPE (which Python ignores
-and a program expects at its default), all C calls on the child's own memory. Children are reaped
-through the supervisor's SIGCHLD path; on a graceful stop they get SIGTERM, and SIGKILL once
-the shutdown timeout forces.
+descriptors, applies the service's rlimits, scheduling policy and identity and resets SIGPIPE
+(which Python ignores and a program expects at its default), all C calls on the child's own
+memory. Children are reaped through the supervisor's SIGCHLD path; on a graceful stop they get
+SIGTERM, and SIGKILL once the shutdown timeout forces.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import scheduling
 from .config import ServerConfig
 from .config_schema import key_path
 from .listeners import ManagedMixIn
@@ -95,6 +96,9 @@ def spawn(
         for which, value in limits:
             if value is not None:
                 resource.setrlimit(which, (value, value))
+        if why := scheduling.apply(config.scheduling_policy):
+            # The program runs all the same; the line is logged as its stderr (exec_stderr).
+            os.write(2, f"selectd: scheduling_policy {config.scheduling_policy}: {why}\n".encode())
         if config.cwd:
             os.chdir(config.cwd)
         if identity is not None and os.geteuid() == 0:

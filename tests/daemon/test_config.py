@@ -770,6 +770,7 @@ def test_new_keys_default_to_off() -> None:
         0,
         None,
     )
+    assert s.scheduling_policy is None, "unset: the daemon's own policy, inherited"
 
 
 def test_a_command_server_runs_exec_and_has_no_handler_class() -> None:
@@ -1084,6 +1085,13 @@ def test_a_command_server_and_a_handler_server_differ() -> None:
             500,
         ),
         ({"concurrency": '"fork"', "max_rss": '"64MiB"'}, "max_rss", 64 << 20),
+        ({"concurrency": '"fork"', "scheduling_policy": '"batch"'}, "scheduling_policy", "batch"),
+        ({"scheduling_policy": '"idle"'}, "scheduling_policy", "idle"),
+        (
+            {"handler": None, "command": '["/bin/cat"]', "scheduling_policy": '"other"'},
+            "scheduling_policy",
+            "other",
+        ),
     ],
 )
 def test_limit_and_worker_keys(keys: dict[str, str], attr: str, value: Any) -> None:
@@ -1165,6 +1173,23 @@ def test_limits_apply_to_command_servers_too() -> None:
         (
             {"concurrency": '"fork"', "max_requests_jitter": "0"},
             "servers.s.max_requests_jitter: max_requests_jitter has no effect without",
+        ),
+        (
+            {"concurrency": '"fork"', "scheduling_policy": '"fifo"'},
+            'servers.s.scheduling_policy: must be one of "other", "batch", "idle", got \'fifo\'',
+        ),
+        (
+            {"scheduling_policy": '"BATCH"'},
+            "servers.s.scheduling_policy: must be one of",
+        ),
+        (
+            {"concurrency": '"inline"', "scheduling_policy": '"batch"'},
+            'servers.s.scheduling_policy: scheduling_policy has no effect with concurrency = '
+            '"inline" (its handler runs in the loop, whose policy is the daemon\'s)',
+        ),
+        (
+            {"socket_type": '"dgram"', "scheduling_policy": '"other"'},
+            "servers.s.scheduling_policy: scheduling_policy has no effect with concurrency = ",
         ),
     ],
 )
@@ -1313,7 +1338,7 @@ def test_dump_fills_in_every_default_that_applies() -> None:
     # servers or fork pools.
     unset = {"command", "instances", "per_source", "cps", "banner_fail"}
     unset |= {"worker_timeout", "max_requests", "max_requests_jitter", "max_rss"}
-    unset |= COMMAND_ONLY
+    unset |= {"scheduling_policy"} | COMMAND_ONLY
     assert set(SERVER_FIELDS) - set(doc["servers"]["tcp"]) == unset
     assert set(SERVER_FIELDS) - set(doc["servers"]["udp"]) == unset | {
         "workers",
@@ -1433,6 +1458,7 @@ _PLAUSIBLE: dict[str, list[Any]] = {
     "max_requests": [1, 1000, 0],
     "max_requests_jitter": [0, 50, -1],
     "max_rss": ["256MiB", 1 << 30, 5],
+    "scheduling_policy": ["batch", "idle", "other", "fifo"],
 }
 
 _scalars = st.one_of(
