@@ -1,10 +1,15 @@
-"""The benchmark's pairing of figures: N listeners against 1 (report.dispatch_ratios), and a
-peer against its twin, the noise floor (report.ratios, cli.throughput_targets)."""
+"""The benchmark's pairing of figures: N listeners against 1 (report.dispatch_ratios), a peer
+against its twin, the noise floor (report.ratios, cli.throughput_targets), and the fork pool
+with and without its scheduling policy (--unbatched)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import tomli_w
+
+from daemon.config import parse_config
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -12,6 +17,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench.cli import throughput_targets
 from bench.ports import PortAllocator
 from bench.report import dispatch_line, dispatch_ratios, ratio_lines, ratios, summarize
+from bench.selectd import SelectdTarget, selectd_config
 from bench.targets import PEER, SELECTD, TWIN
 
 
@@ -141,3 +147,33 @@ def test_twins_run_after_the_stdlib_peers_they_copy() -> None:
         ("asyncio", PEER, None, frozenset({1})),
     ]
     assert [t.name for t in throughput_targets(ports, ("asyncio",), twins=True)] == ["asyncio"]
+
+
+def test_unbatched_runs_the_fork_pool_again_without_its_policy_right_after_it() -> None:
+    ports = PortAllocator("127.0.0.1")
+    targets = throughput_targets(ports, None, unbatched=True)
+    assert [t.name for t in targets][:4] == [
+        "selectd-thread",
+        "selectd-fork",
+        "selectd-fork-unbatched",
+        "ThreadingTCPServer",
+    ]
+    by_name = {t.name: t for t in targets}
+    fork, unbatched = by_name["selectd-fork"], by_name["selectd-fork-unbatched"]
+    assert isinstance(fork, SelectdTarget) and isinstance(unbatched, SelectdTarget)
+    assert (fork.kind, unbatched.kind) == (SELECTD, SELECTD), "each is paired with every peer"
+    assert (fork.scheduling_policy, unbatched.scheduling_policy) == ("batch", None)
+    assert (unbatched.concurrency, unbatched.workers) == (fork.concurrency, fork.workers)
+    assert by_name["selectd-thread"].scheduling_policy is None  # type: ignore[attr-defined]
+    assert "selectd-fork-unbatched" not in {t.name for t in throughput_targets(ports, None)}
+
+
+def test_the_daemon_config_sets_the_policy_only_when_given(tmp_path: Path) -> None:
+    with_policy = selectd_config(
+        tmp_path, "127.0.0.1", [9], concurrency="fork", workers=2, scheduling_policy="batch"
+    )
+    without = selectd_config(tmp_path, "127.0.0.1", [9], concurrency="fork", workers=2)
+    assert with_policy["servers"]["echo"]["scheduling_policy"] == "batch"  # type: ignore[index]
+    assert "scheduling_policy" not in without["servers"]["echo"]  # type: ignore[index]
+    # What the target writes is a config the daemon takes.
+    parse_config(tomli_w.dumps(with_policy))

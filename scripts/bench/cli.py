@@ -9,6 +9,7 @@ Usage:
     python3 scripts/bench.py --scale             # the idle and scale section only
     python3 scripts/bench.py --pin               # generator on a CPU of its own (bench/cpus.py)
     python3 scripts/bench.py --twins             # + second Threading/ForkingTCPServer: noise floor
+    python3 scripts/bench.py --unbatched         # + the fork pool without scheduling_policy
 
 Results go to --results DIR (default results/bench-<timestamp>/): results.json and results.md.
 Exit status: 0 when the run completed (skipped targets are notes, not failures), 2 when it could
@@ -18,6 +19,7 @@ not run at all (no C compiler, bad arguments).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import resource
@@ -47,7 +49,7 @@ from .report import (
     write_results,
 )
 from .scale import ScalePlan, run_dispatch, run_scale
-from .selectd import FORK_WORKERS, THREAD_WORKERS, SelectdTarget
+from .selectd import FORK_POLICY, FORK_WORKERS, THREAD_WORKERS, SelectdTarget
 from .targets import REPO_DIR, PeerTarget, ProcessTarget
 from .throughput import OTHER_BUSY_PCT, LoadPlan, run_throughput
 from .verdicts import judge, verdict_summary, verdict_table
@@ -70,6 +72,7 @@ class Settings:
     plan: LoadPlan
     only: tuple[str, ...] | None  # target names, lower-cased; None: all
     twins: bool  # --twins
+    unbatched: bool  # --unbatched
     throughput: bool
     scale_sizes: tuple[int, ...]
     scale_plan: ScalePlan
@@ -105,6 +108,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="also run a second copy of ThreadingTCPServer and ForkingTCPServer: how far from 1 "
         "two identical servers read (the noise floor of a ratio)",
+    )
+    parser.add_argument(
+        "--unbatched",
+        action="store_true",
+        help=f"also run the fork pool without its scheduling_policy ({FORK_POLICY}), under the "
+        "kernel's default: what the policy buys, paired in the same rounds",
     )
     section = parser.add_mutually_exclusive_group()
     section.add_argument("--scale", action="store_true", help="only the idle and scale section")
@@ -158,6 +167,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         plan=plan,
         only=only,
         twins=args.twins,
+        unbatched=args.unbatched,
         throughput=not args.scale,
         scale_sizes=((10,) if quick else SCALE_SIZES) if run_scale_section else (),
         scale_plan=scale_plan,
@@ -171,14 +181,17 @@ def throughput_targets(
     only: tuple[str, ...] | None,
     cpus: frozenset[int] | None = None,
     twins: bool = False,
+    unbatched: bool = False,
 ) -> list[ProcessTarget]:
     """The throughput section's targets, in their first-repeat order, filtered by --only, each
     to run on `cpus` (None: anywhere); with `twins`, a twin of each TWINNED_PEERS peer follows
     the last of them, so that it runs about as far from its original as selectd's targets run
-    from theirs."""
+    from theirs; with `unbatched`, the fork pool also runs without its policy, right after it."""
+    fork = functools.partial(SelectdTarget, concurrency="fork", workers=FORK_WORKERS)
     targets: list[ProcessTarget] = [
         SelectdTarget("selectd-thread", ports, concurrency="thread", workers=THREAD_WORKERS),
-        SelectdTarget("selectd-fork", ports, concurrency="fork", workers=FORK_WORKERS),
+        fork("selectd-fork", ports, scheduling_policy=FORK_POLICY),
+        *([fork("selectd-fork-unbatched", ports)] if unbatched else []),
         PeerTarget("ThreadingTCPServer", "threading", ports),
         PeerTarget("ForkingTCPServer", "forking", ports),
         PeerTarget("asyncio", "asyncio", ports),
@@ -271,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings.only,
                 settings.cpus.servers if settings.cpus else None,
                 settings.twins,
+                settings.unbatched,
             )
             print(
                 f"throughput: {len(targets)} targets x {plan.repeats} repeats, modes "
@@ -324,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "source_addrs": plan.source_addrs,
             "scale_sizes": settings.scale_sizes,
             "twins": settings.twins,
+            "unbatched": settings.unbatched,
         },
         "loadgen": str(binary),
         "cpus": settings.cpus.as_record() if settings.cpus else None,

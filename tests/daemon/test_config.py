@@ -1184,7 +1184,7 @@ def test_limits_apply_to_command_servers_too() -> None:
         ),
         (
             {"concurrency": '"inline"', "scheduling_policy": '"batch"'},
-            'servers.s.scheduling_policy: scheduling_policy has no effect with concurrency = '
+            "servers.s.scheduling_policy: scheduling_policy has no effect with concurrency = "
             '"inline" (its handler runs in the loop, whose policy is the daemon\'s)',
         ),
         (
