@@ -95,6 +95,8 @@ def config_text(workdir: Path, ports: Ports, extra: bool, thread_workers: int) -
             "concurrency": "fork",
             "workers": 3,
             "timeout": 2,
+            # As the benchmark runs its fork pool: replaced workers must get it too.
+            "scheduling_policy": "batch",
         },
         "inline": {
             "listen": f"127.0.0.1:{ports.inline}",

@@ -8,6 +8,7 @@ the daemon meant to set.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -93,6 +94,11 @@ def test_each_pool_runs_its_requests_under_its_policy_and_the_loop_keeps_its_own
     assert len(forks) == 2
     assert {os.sched_getscheduler(pid) for pid in forks} == {IDLE}
     assert os.sched_getscheduler(daemon.pid) == OTHER
+    # A worker that dies is replaced under the same policy.
+    killed = min(forks)
+    os.kill(killed, signal.SIGKILL)
+    replaced = wait_for(lambda: (workers_of(daemon, "forks") - forks) or None)
+    assert {os.sched_getscheduler(pid) for pid in replaced} == {IDLE}
     assert not daemon.find("scheduling_policy_failed")
     assert daemon.stop() == 0
 
