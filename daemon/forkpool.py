@@ -116,8 +116,7 @@ class ForkPool:
         self._max_requests: int | None = getattr(config, "max_requests", None)
         self._jitter: int = getattr(config, "max_requests_jitter", 0) or 0
         self._max_rss: int | None = getattr(config, "max_rss", None)
-        self._policy: str | None = getattr(config, "scheduling_policy", None)
-        self._policy_refused = False
+        self._policy = scheduling.PoolPolicy(server.name, config)
         self._health_timer: Timer | None = None
         self._watchdog = Watchdog.for_server(server, self._running, host.call_later)
 
@@ -182,23 +181,12 @@ class ForkPool:
             child_end.close()
         worker = Worker(pid, parent_end)
         self._workers[pid] = worker
-        self._apply_policy(pid)
+        # The same uid as ours, so the loop may; a refused worker serves as it is.
+        self._policy.apply(pid)
         self.host.own_pid(pid, self._on_exit)
         self.host.watch(parent_end.fileno(), lambda: self._on_channel(worker))
         log.info("worker_spawned", server=self.server.name, worker_pid=pid)
         self._make_idle(worker)
-
-    def _apply_policy(self, pid: int) -> None:
-        """Put a new worker under the server's scheduling_policy (the same uid as ours, so the
-        loop may); a refusal is logged once per pool, and the worker serves as it is."""
-        if (why := scheduling.apply(self._policy, pid)) and not self._policy_refused:
-            self._policy_refused = True
-            log.warning(
-                "scheduling_policy_failed",
-                server=self.server.name,
-                policy=self._policy,
-                error=why,
-            )
 
     def _make_idle(self, worker: Worker) -> None:
         worker.busy = False

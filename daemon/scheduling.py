@@ -18,7 +18,12 @@ Unset, everything inherits the daemon's policy (a unit's CPUSchedulingPolicy=, s
 from __future__ import annotations
 
 import os
+import threading
 from typing import Final
+
+from .log import get_logger
+
+log = get_logger()
 
 POLICIES: Final = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
 
@@ -35,3 +40,27 @@ def apply(policy: str | None, pid: int = 0) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
+
+
+class PoolPolicy:
+    """One pool's scheduling_policy: put each of its workers or threads under it; the kernel's
+    first refusal is logged (scheduling_policy_failed), once per pool, and the worker or thread
+    serves as it is. Thread-safe: a thread pool's threads apply it to themselves."""
+
+    def __init__(self, server: str, config: object) -> None:
+        self.server = server
+        self.policy: str | None = getattr(config, "scheduling_policy", None)
+        self._lock = threading.Lock()
+        self._refused = False
+
+    def apply(self, pid: int = 0) -> None:
+        """Put `pid` (0: the calling thread) under the pool's policy."""
+        why = apply(self.policy, pid)
+        if why is None:
+            return
+        with self._lock:
+            first, self._refused = not self._refused, True
+        if first:
+            log.warning(
+                "scheduling_policy_failed", server=self.server, policy=self.policy, error=why
+            )

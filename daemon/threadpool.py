@@ -22,9 +22,6 @@ from typing import Any
 from . import scheduling
 from .connections import Running, Task, Watchdog, shut
 from .listeners import ManagedMixIn
-from .log import get_logger
-
-log = get_logger()
 
 
 class InlineDispatcher:
@@ -95,8 +92,7 @@ class ThreadPool:
     ) -> None:
         self.server = server
         self._cpu = cpu
-        self._policy: str | None = getattr(server.config, "scheduling_policy", None)
-        self._policy_refused = False
+        self._policy = scheduling.PoolPolicy(server.name, server.config)
         self.workers = workers
         self.max_queue = max_queue
         self._on_idle = on_idle
@@ -136,16 +132,6 @@ class ThreadPool:
             self._watchdog.arm()
         return True
 
-    def _policy_was_refused(self, why: str) -> None:
-        """Log the first thread the kernel refused the server's scheduling_policy; the thread
-        serves as it is."""
-        with self._lock:
-            first, self._policy_refused = not self._policy_refused, True
-        if first:
-            log.warning(
-                "scheduling_policy_failed", server=self.server.name, policy=self._policy, error=why
-            )
-
     def _running_sockets(self) -> list[Running]:
         with self._lock:
             return [(r, address, t, task) for r, (address, t, task) in self._running.items()]
@@ -155,8 +141,7 @@ class ThreadPool:
             # Threads share one GIL: on one CPU, handing it over is a local wake-up, where
             # across CPUs every hand-over is an inter-processor one (README, "thread_cpu").
             os.sched_setaffinity(0, {self._cpu})
-        if why := scheduling.apply(self._policy):
-            self._policy_was_refused(why)
+        self._policy.apply()
         run = self.server.run_request
         get = self._queue.get
         lock = self._lock
